@@ -1,0 +1,98 @@
+"""Forward throughput of each CA-Stream model against its own GAP backbone, measured side by side.
+
+    python benchmarks/castream_throughput.py [--models ...] [--img-size 224] [--batch 8] [--rounds 15]
+
+The GAP network is the model's own backbone (same weights, same input). The two forwards alternate
+within every round, so both see the same machine load; the ratio of median throughputs is reported
+(the thesis: +0.1-0.2% FLOPs, so the goal is a ratio of at least 0.97). Writes a JSON file and a bar
+chart of the ratios into ``--out``.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import zoo  # noqa: E402
+
+TARGET_RATIO = 0.97
+
+
+def seconds(fn, x, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def compare(name, img_size, batch, rounds, device):
+    model = timm.create_model(name).eval().to(device)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    runs = {"gap": model.backbone, "castream": model}
+    for fn in runs.values():  # warm-up
+        fn(x)
+    times = {key: [] for key in runs}
+    for r in range(rounds):
+        order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+        for key in order:
+            times[key].append(seconds(runs[key], x, device))
+    gap, castream = (statistics.median(times[key]) for key in runs)
+    # per-round ratios pair runs that saw the same load; their median and quartiles show the noise
+    quartiles = statistics.quantiles([g / c for g, c in zip(times["gap"], times["castream"], strict=True)], n=4)
+    return dict(model=name, gap_img_per_s=batch / gap, castream_img_per_s=batch / castream,
+                ratio=quartiles[1], ratio_q1=quartiles[0], ratio_q3=quartiles[2])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=zoo.list_models())
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+    rows = [compare(name, args.img_size, args.batch, args.rounds, device) for name in tqdm(args.models, desc="models")]
+    setting = f"{where}, batch {args.batch}, {args.img_size} px, median of {args.rounds} rounds"
+    print(f"Forward throughput, CA-Stream vs its GAP backbone ({setting})")
+    print(f"{'model':26s} {'GAP img/s':>10s} {'CA img/s':>10s} {'ratio':>7s} {'quartiles':>13s}")
+    for row in rows:
+        print(f"{row['model']:26s} {row['gap_img_per_s']:10.2f} {row['castream_img_per_s']:10.2f} {row['ratio']:7.3f} "
+              f"{row['ratio_q1']:6.3f}-{row['ratio_q3']:.3f}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "castream_throughput.json").write_text(json.dumps(dict(setting=setting, rows=rows), indent=2))
+    fig, ax = plt.subplots(figsize=(1 + 0.9 * len(rows), 3.5))
+    errors = [[row["ratio"] - row["ratio_q1"] for row in rows], [row["ratio_q3"] - row["ratio"] for row in rows]]
+    ax.bar([row["model"].removesuffix("_castream") for row in rows], [row["ratio"] for row in rows], yerr=errors,
+           capsize=3)
+    ax.axhline(TARGET_RATIO, color="red", linestyle="--", label=f"goal {TARGET_RATIO}")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_ylim(min(0.9, *(row["ratio_q1"] - 0.02 for row in rows)), 1.05)
+    ax.set_ylabel("CA-Stream / GAP throughput")
+    ax.set_title(setting, fontsize=8)
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "castream_throughput.png", dpi=110)
+    print(f"wrote {args.out / 'castream_throughput.json'} and {args.out / 'castream_throughput.png'}")
+
+
+if __name__ == "__main__":
+    main()

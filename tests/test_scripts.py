@@ -1,0 +1,50 @@
+"""The main job's quick look and the benchmark script run end to end and write what they promise."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+from PIL import Image
+
+from zoo import quicklook, thesis
+from zoo.measure import parameter_count
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quicklook_writes_the_table_and_the_saliency_figure(tmp_path, capsys):
+    names = ["resnet18_castream", "convnext_tiny_castream"]
+    quicklook.main(["--models", *names, "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "models.json").read_text())
+    assert [row["model"] for row in rows] == names
+    for row in rows:
+        model = timm.create_model(row["model"])
+        assert row["params_m"] == parameter_count(model) / 1e6
+        assert row["stream_params_m"] == parameter_count(model.stream) / 1e6
+        assert row["gflops"] > row["gap_gflops"] > 0
+    assert rows[0]["thesis"] == thesis.TABLE_3_3["resnet18_castream"]
+    assert "thesis" not in rows[1]  # ConvNeXt-T is not in the thesis
+    printed = capsys.readouterr().out
+    assert "| resnet18_castream | 12.13 | 0.440 | 12.13 |" in printed
+    with Image.open(tmp_path / "saliency.png") as image:
+        assert image.width > 600 and image.height > 300
+
+
+def test_quicklook_refuses_unknown_models(tmp_path):
+    with pytest.raises(SystemExit):
+        quicklook.main(["--models", "resnet50", "--out", str(tmp_path)])
+
+
+def test_benchmark_script_reports_ratios(tmp_path, monkeypatch, capsys):
+    argv = ["castream_throughput.py", "--models", "resnet18_castream", "--img-size", "64", "--batch", "2",
+            "--rounds", "3", "--device", "cpu", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "benchmarks" / "castream_throughput.py"), run_name="__main__")
+    result = json.loads((tmp_path / "castream_throughput.json").read_text())
+    (row,) = result["rows"]
+    assert row["model"] == "resnet18_castream" and row["ratio_q1"] <= row["ratio"] <= row["ratio_q3"]
+    assert (tmp_path / "castream_throughput.png").stat().st_size > 0
+    assert "resnet18_castream" in capsys.readouterr().out

@@ -1,0 +1,18 @@
+"""interpretable-zoo: timm image classifiers that explain themselves.
+
+``import zoo`` registers the zoo's architectures with timm, so ``timm.create_model`` builds them.
+"""
+
+import timm
+
+from .models import CAStream, CrossAttentionBlock, CrossAttentionStream, StreamOutput
+from .output import ModelOutput
+
+__all__ = ["CAStream", "CrossAttentionBlock", "CrossAttentionStream", "ModelOutput", "StreamOutput", "list_models"]
+
+_MODULES = ("castream",)
+
+
+def list_models(pattern: str = "", pretrained: bool = False) -> list[str]:
+    """Names of the zoo's architectures (``arch.tag`` names with ``pretrained=True``), as timm lists them."""
+    return timm.list_models(pattern or "*", module=list(_MODULES), pretrained=pretrained)

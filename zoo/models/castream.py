@@ -1,0 +1,424 @@
+"""CA-Stream: attention-based pooling beside a frozen timm ResNet or ConvNeXt.
+
+Thesis ch. 3 (Torres Figueroa 2024; CA-Stream, CVPR-W XAI 2024). A learnable query ``q_0`` runs in a
+stream beside the backbone; at each stage l it pools the stage's features by single-query cross
+attention and is projected to the next stage's width (eq. 3.3, 3.7). The last query replaces global
+average pooling before the backbone's own classifier, and the last attention is a saliency map that
+comes with every forward pass.
+
+The backbone is any timm ResNet or ConvNeXt, built by timm and used through its own modules: the
+stream taps the stem (after its max-pool, as the authors' code does) and the four residual stages of
+a ResNet, or the four stages of a ConvNeXt.
+"""
+
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import NamedTuple
+
+import timm
+import torch
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+from timm.models import (
+    ConvNeXt,
+    ResNet,
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_pretrained_cfg,
+    register_model,
+    resolve_pretrained_cfg,
+)
+from torch import nn
+
+from ..hub import hub_id
+from ..output import ModelOutput, check_image_batch
+
+__all__ = ["CAStream", "CrossAttentionBlock", "CrossAttentionStream", "StreamOutput", "checkpoint_filter_fn"]
+
+
+class CrossAttentionBlock(nn.Module):
+    """CA_l then W_l (eq. 3.3, 3.7); with ``kv_proj`` the PROJ->CA block of eq. 3.8.
+
+    Key and value projections are applied without projecting every token: the scores
+    ``(W_K phi_i + b_K) . q`` equal ``phi_i . (W_K^T q)`` plus a constant that the softmax cancels, and
+    ``sum_i a_i (W_V phi_i + b_V) = W_V (sum_i a_i phi_i) + b_V`` because the attention sums to one.
+    """
+
+    def __init__(self, dim: int, out_dim: int, kv_proj: bool = False, proj_drop: float = 0.0):
+        super().__init__()
+        self.scale = dim ** -0.5
+        self.key = nn.Linear(dim, dim) if kv_proj else None
+        self.value = nn.Linear(dim, dim) if kv_proj else None
+        self.proj = nn.Linear(dim, out_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, query: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``query`` [B, d], ``features`` [B, d, h, w] -> next query [B, d_out], attention [B, h*w]."""
+        tokens = features.flatten(2)
+        if self.key is not None:
+            query = query @ self.key.weight
+        attention = torch.softmax(torch.bmm(query.unsqueeze(1), tokens).squeeze(1) * self.scale, dim=-1)
+        # a row vector times the transposed tokens: ~10x faster on CPU than tokens @ column vector
+        pooled = torch.bmm(attention.unsqueeze(1), tokens.transpose(1, 2)).squeeze(1)
+        if self.value is not None:
+            pooled = self.value(pooled)
+        return self.proj_drop(self.proj(pooled)), attention
+
+    def project_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Each position's feature mapped as the pooled one is: [B, d, h, w] -> [B, h*w, d_out]."""
+        tokens = features.flatten(2).transpose(1, 2)
+        if self.value is not None:
+            tokens = self.value(tokens)
+        return self.proj(tokens)
+
+
+class CrossAttentionStream(nn.Module):
+    """The learnable query ``q_0`` and one cross-attention block per tapped stage.
+
+    ``widths`` are the stage widths ``d_l``; block l maps ``d_l`` to ``d_{l+1}`` and the last keeps
+    ``d_L``. With ``num_queries > 1`` there is one query per class (the class-specific ablation).
+    Initialisation follows the authors' code: ``q_0 ~ N(1, 1)``, Xavier-uniform projections.
+    """
+
+    def __init__(self, widths: list[int], num_queries: int = 1, kv_proj: bool = False, proj_drop: float = 0.0):
+        super().__init__()
+        out_widths = widths[1:] + widths[-1:]
+        self.query = nn.Parameter(torch.empty(num_queries, widths[0]))
+        self.blocks = nn.ModuleList(
+            CrossAttentionBlock(d, d_out, kv_proj, proj_drop if i < len(widths) - 1 else 0.0)
+            for i, (d, d_out) in enumerate(zip(widths, out_widths, strict=True))
+        )
+        nn.init.normal_(self.query, mean=1.0, std=1.0)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+
+class StreamOutput(NamedTuple):
+    """Everything one pass of the stream produces."""
+
+    query: torch.Tensor  # q_{L+1}, [B, d_L]: replaces the GAP output
+    attentions: list[torch.Tensor]  # one [B, h_l, w_l] map per tapped stage, each summing to 1
+    features: torch.Tensor  # F_L, the last stage's features [B, d_L, h_L, w_L]
+
+
+def _resnet_stages(net: ResNet) -> list[list[nn.Module]]:
+    """f_0 ... f_4 of eq. 3.5: the stem up to its max-pool, then the four residual stages."""
+    return [[net.conv1, net.bn1, net.act1, net.maxpool], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
+
+
+def _convnext_stages(net: ConvNeXt) -> list[list[nn.Module]]:
+    """f_0 ... f_3 of eq. 3.5: the four stages (the stem runs before the first)."""
+    return [[net.stem, net.stages[0]], [net.stages[1]], [net.stages[2]], [net.stages[3], net.norm_pre]]
+
+
+_STAGE_SPLITS: dict[type, Callable[[nn.Module], list[list[nn.Module]]]] = {
+    ResNet: _resnet_stages,
+    ConvNeXt: _convnext_stages,
+}
+
+
+class CAStream(nn.Module):
+    """A timm ResNet or ConvNeXt whose global average pooling is replaced by a CA-Stream.
+
+    ``forward(x)`` returns ``ModelOutput(logits, saliency)``, the saliency being the last block's
+    attention ``[B, h_L, w_L]`` (non-negative, sums to 1 per image); every stage's attention is in
+    ``forward_stream(x).attentions``. With ``return_saliency=False`` forward returns plain logits.
+
+    Args:
+        backbone: timm architecture name of a ResNet or ConvNeXt (weights come through ``pretrained``).
+        num_classes: classifier outputs (the backbone's own classifier).
+        in_chans: image channels.
+        stream_start: first stage the stream taps (0 = S0-S4, the default; L = S_L-S_L only).
+        kv_proj: PROJ->CA blocks with key/value projections (eq. 3.8) instead of vanilla CA.
+        class_specific: one query per class; at training the target's, at inference the class the
+            GAP baseline predicts (thesis §3.6.2).
+        proj_drop_rate: dropout after each projection but the last.
+        drop_rate: dropout before the classifier.
+        return_saliency: forward returns ``ModelOutput`` (default) or plain logits.
+        **backbone_kwargs: passed to ``timm.create_model`` for the backbone.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        stream_start: int = 0,
+        kv_proj: bool = False,
+        class_specific: bool = False,
+        proj_drop_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        return_saliency: bool = True,
+        **backbone_kwargs,
+    ):
+        super().__init__()
+        net = timm.create_model(backbone, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                                **backbone_kwargs)
+        split = next((fn for cls, fn in _STAGE_SPLITS.items() if isinstance(net, cls)), None)
+        if split is None:
+            supported = ", ".join(cls.__name__ for cls in _STAGE_SPLITS)
+            raise ValueError(f"CA-Stream needs a timm {supported} backbone; {backbone!r} is a {type(net).__name__}")
+        widths = [info["num_chs"] for info in net.feature_info]
+        if not 0 <= stream_start < len(widths):
+            raise ValueError(f"stream_start must be a stage index in 0..{len(widths) - 1}, got {stream_start}")
+        if class_specific and num_classes < 1:
+            raise ValueError("a class-specific stream needs num_classes >= 1 (one query per class)")
+
+        self.backbone = net
+        self.stream = CrossAttentionStream(widths[stream_start:], num_classes if class_specific else 1, kv_proj,
+                                           proj_drop_rate)
+        self._stages = split(net)  # plain list: these modules are registered under ``backbone``
+        self.stream_start = stream_start
+        self.class_specific = class_specific
+        self.return_saliency = return_saliency
+        self.backbone_frozen = False
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.head_hidden_size = net.num_features
+        self.min_input_size = net.feature_info[-1]["reduction"]
+        self.feature_info = [dict(info, module=f"backbone.{info['module']}") for info in net.feature_info]
+
+    # --- the stream ---------------------------------------------------------------------------
+
+    def _stage_features(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        for stage in self._stages:
+            for module in stage:
+                x = module(x)
+            yield x
+
+    def forward_stream(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> StreamOutput:
+        """Backbone and stream together: final query, every stage's attention, last features."""
+        name = getattr(self, "pretrained_cfg", {}).get("architecture") or type(self).__name__
+        check_image_batch(x, self.in_chans, self.min_input_size, name)
+        features = self._stage_features(x)
+        if self.class_specific:
+            features = list(features)
+            query = self.stream.query[self._query_classes(features[-1], targets)]
+        else:
+            query = self.stream.query.expand(x.shape[0], -1)
+        attentions = []
+        for block, feats in zip(self.stream.blocks, islice(features, self.stream_start, None), strict=True):
+            query, attention = block(query, feats)
+            attentions.append(attention.unflatten(1, feats.shape[-2:]))
+        return StreamOutput(query, attentions, feats)
+
+    def _query_classes(self, last_features: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        if targets is not None:
+            return targets
+        if self.training:
+            raise ValueError("a class-specific CA-Stream trains with the target's query: call model(x, targets)")
+        return self.backbone.forward_head(last_features).argmax(-1)
+
+    # --- timm model interface -----------------------------------------------------------------
+
+    def _classify(self, query: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        # The backbone's head pools a 1x1 map to the query itself, then applies its norm and classifier.
+        return self.backbone.forward_head(query[:, :, None, None], pre_logits=pre_logits)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, 1 + h*w, d_L]: the stream's class token, then the last stage's patch tokens.
+
+        As for timm's ViTs, ``forward_head`` reads the class token.
+        """
+        out = self.forward_stream(x)
+        return torch.cat([out.query.unsqueeze(1), out.features.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Classify the class token of ``forward_features`` output (pre-classifier features if asked)."""
+        if x.ndim != 3:
+            raise ValueError(f"forward_head expects the tokens [B, 1 + h*w, d] of forward_features, got shape "
+                             f"{tuple(x.shape)}")
+        return self._classify(x[:, 0], pre_logits)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput | torch.Tensor:
+        """Logits and the last attention map; ``targets`` only matter for a class-specific stream."""
+        out = self.forward_stream(x, targets)
+        logits = self._classify(out.query)
+        return ModelOutput(logits, out.attentions[-1]) if self.return_saliency else logits
+
+    def get_classifier(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New classifier for ``num_classes`` (0 removes it); pooling is the stream's and cannot change."""
+        if global_pool is not None:
+            raise ValueError("CA-Stream replaces global pooling; global_pool cannot be set")
+        if self.class_specific:
+            if num_classes < 1:
+                raise ValueError("a class-specific stream needs num_classes >= 1 (one query per class)")
+            query = self.stream.query
+            self.stream.query = nn.Parameter(torch.empty(num_classes, query.shape[1], device=query.device,
+                                                         dtype=query.dtype).normal_(1.0, 1.0))
+        self.backbone.reset_classifier(num_classes)
+        self.num_classes = num_classes
+
+    # --- training and explanation -------------------------------------------------------------
+
+    def freeze_backbone(self, frozen: bool = True) -> "CAStream":
+        """Train the stream only (thesis §3.3): backbone and classifier get no gradient and the
+        backbone stays in eval mode (BatchNorm statistics and dropout fixed) even under ``train()``."""
+        self.backbone.requires_grad_(not frozen)
+        self.backbone_frozen = frozen
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "CAStream":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def contribution_map(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Class-specific map [B, h_L, w_L] whose sum plus the classifier bias is the target logit.
+
+        The last query is ``q = sum_i a_i z_i`` with ``z_i = W_L phi_i + b_L`` because the attention sums
+        to one, so any affine head splits the logit over positions: ``y_c = sum_i a_i g_c(z_i) + b_c``.
+        For a ResNet head (linear classifier) each term is exactly that position's share. A ConvNeXt
+        head normalises ``q`` first; the norm is applied to every ``z_i`` with the statistics of ``q``
+        (the affine map the norm is at ``q``), so the sum is still exact, but a term is not the logit
+        position i would give alone. ``target`` defaults to the predicted class. Eval mode only.
+        """
+        if self.training:
+            raise RuntimeError("contribution_map decomposes the inference logit: call model.eval() first")
+        classifier = self.get_classifier()
+        if not isinstance(classifier, nn.Linear):
+            raise ValueError(f"contribution maps need a linear classifier, this model has {type(classifier).__name__}")
+        out = self.forward_stream(x)
+        if target is None:
+            target = self._classify(out.query).argmax(-1)
+        tokens = self._head_norm_at(self.stream.blocks[-1].project_tokens(out.features), out.query)
+        scores = torch.einsum("bpd,bd->bp", tokens, classifier.weight[target])
+        return out.attentions[-1] * scores.unflatten(1, out.features.shape[-2:])
+
+    def _head_norm_at(self, tokens: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        head = getattr(self.backbone, "head", None)
+        if head is None:  # ResNet: pooling and dropout, then the classifier
+            return tokens
+        if not isinstance(head.pre_logits, nn.Identity):
+            raise ValueError("contribution maps need the classifier right after the head norm; this head has an MLP")
+        norm = head.norm
+        if isinstance(norm, nn.Identity):
+            return tokens
+        mean = query.mean(-1, keepdim=True).unsqueeze(1)
+        inv_std = torch.rsqrt(query.var(-1, unbiased=False, keepdim=True) + norm.eps).unsqueeze(1)
+        return (tokens - mean) * inv_std * norm.weight + norm.bias
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CAStream) -> dict[str, torch.Tensor]:
+    """Accept a full CA-Stream checkpoint or a backbone-only timm one, and name any mismatch.
+
+    A backbone-only checkpoint (e.g. timm's ``resnet50.tv_in1k``) loads into the backbone and the
+    stream keeps its initialisation: the start of stream training. The classifier and first
+    convolution may differ in shape, since timm adapts those itself.
+    """
+    if not any(key.startswith(("backbone.", "stream.")) for key in state_dict):
+        state_dict = {f"backbone.{key}": value for key, value in state_dict.items()}
+        state_dict.update({key: value for key, value in model.state_dict().items() if key.startswith("stream.")})
+    expected = model.state_dict()
+    cfg = model.pretrained_cfg
+    adaptable = {f"{cfg[name]}.{param}" for name in ("classifier", "first_conv") if cfg.get(name)
+                 for param in ("weight", "bias")}
+    missing = sorted(k for k in expected.keys() - state_dict.keys() if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+                   for k in sorted(expected.keys() & state_dict.keys())
+                   if k not in adaptable and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        problems = [f"{len(found)} {what} (e.g. {', '.join(found[:3])})"
+                    for what, found in (("missing keys", missing), ("unexpected keys", unexpected),
+                                        ("shape mismatches, checkpoint vs model", wrong_shape)) if found]
+        raise ValueError(f"checkpoint does not fit {cfg.get('architecture', 'this model')}: {'; '.join(problems)}. "
+                         "Was it saved from another backbone or with other stream options "
+                         "(stream_start, kv_proj, class_specific)?")
+    for key in expected.keys() - state_dict.keys():  # BatchNorm counters that older checkpoints lack
+        state_dict[key] = expected[key]
+    return state_dict
+
+
+def _create_castream(variant: str, pretrained: bool = False, **kwargs) -> CAStream:
+    if kwargs.pop("features_only", False):
+        raise ValueError(f"{variant} has no features_only form: its stage features are those of its backbone, "
+                         "create the backbone with features_only=True instead")
+    try:
+        return build_model_with_cfg(CAStream, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                    **kwargs)
+    except (EntryNotFoundError, RepositoryNotFoundError) as error:
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        raise RuntimeError(
+            f"no weights found for {variant} at hf-hub:{cfg.hf_hub_id} (not in the local cache, not downloadable: "
+            f"{error})\nThe README's 'Weights' section lists the zoo checkpoints that exist; "
+            "pretrained_cfg_overlay=dict(file=...) or dict(hf_hub_id=...) loads others."
+        ) from error
+
+
+def _cfg(name: str, backbone_weights: str, **kwargs) -> dict:
+    """The stream is trained with its backbone's data config; the classifier sits in the backbone."""
+    source = get_pretrained_cfg(backbone_weights).to_dict()
+    data = {key: source[key] for key in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
+                                         "pool_size", "license")}
+    return dict(
+        hf_hub_id=hub_id(name), num_classes=1000, first_conv=f"backbone.{source['first_conv']}",
+        classifier=f"backbone.{source['classifier']}", paper_name="CA-Stream: Attention-based pooling for "
+        "interpretable image recognition", notes=(f"stream trained on top of frozen {backbone_weights}",),
+        **data, **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    "resnet18_castream.in1k": _cfg("resnet18_castream.in1k", "resnet18.tv_in1k"),
+    "resnet34_castream.in1k": _cfg("resnet34_castream.in1k", "resnet34.tv_in1k"),
+    "resnet50_castream.in1k": _cfg("resnet50_castream.in1k", "resnet50.tv_in1k"),
+    "resnet101_castream.in1k": _cfg("resnet101_castream.in1k", "resnet101.tv_in1k"),
+    "convnext_tiny_castream.in1k": _cfg("convnext_tiny_castream.in1k", "convnext_tiny.fb_in1k"),
+    "convnext_small_castream.in1k": _cfg("convnext_small_castream.in1k", "convnext_small.fb_in1k"),
+    "convnext_base_castream.in1k": _cfg("convnext_base_castream.in1k", "convnext_base.fb_in1k"),
+})
+
+
+@register_model
+def resnet18_castream(pretrained: bool = False, **kwargs) -> CAStream:
+    """ResNet-18 with a CA-Stream over the stem and four stages (thesis Table 3.3)."""
+    model_args = dict(backbone="resnet18")
+    return _create_castream("resnet18_castream", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnet34_castream(pretrained: bool = False, **kwargs) -> CAStream:
+    """ResNet-34 with a CA-Stream over the stem and four stages."""
+    model_args = dict(backbone="resnet34")
+    return _create_castream("resnet34_castream", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnet50_castream(pretrained: bool = False, **kwargs) -> CAStream:
+    """ResNet-50 with a CA-Stream over the stem and four stages (thesis Tables 3.3-3.6)."""
+    model_args = dict(backbone="resnet50")
+    return _create_castream("resnet50_castream", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnet101_castream(pretrained: bool = False, **kwargs) -> CAStream:
+    """ResNet-101 with a CA-Stream over the stem and four stages."""
+    model_args = dict(backbone="resnet101")
+    return _create_castream("resnet101_castream", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_tiny_castream(pretrained: bool = False, **kwargs) -> CAStream:
+    """ConvNeXt-T with a CA-Stream over its four stages."""
+    model_args = dict(backbone="convnext_tiny")
+    return _create_castream("convnext_tiny_castream", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_small_castream(pretrained: bool = False, **kwargs) -> CAStream:
+    """ConvNeXt-S with a CA-Stream over its four stages (thesis Table 3.3)."""
+    model_args = dict(backbone="convnext_small")
+    return _create_castream("convnext_small_castream", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_base_castream(pretrained: bool = False, **kwargs) -> CAStream:
+    """ConvNeXt-B with a CA-Stream over its four stages (thesis Table 3.3)."""
+    model_args = dict(backbone="convnext_base")
+    return _create_castream("convnext_base_castream", pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,131 @@
+"""A quick look at the zoo: every registered model's size and cost beside the thesis' figures, and a
+picture of the saliency each one returns with its logits.
+
+    python -m zoo.quicklook [--models resnet50_castream ...] [--img-size 224] [--out results/quicklook]
+
+Writes ``models.md`` / ``models.json`` (the table) and ``saliency.png`` (every stage's attention on
+one photograph) into ``--out``. Models are random-initialised unless ``--pretrained`` is given (their
+Hub weights must then be reachable or cached), so the maps show the mechanism, not learned evidence.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib import cbook  # noqa: E402
+from PIL import Image  # noqa: E402
+from timm.data import create_transform, resolve_data_config  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import zoo  # noqa: E402
+from zoo import thesis  # noqa: E402
+from zoo.measure import gflops, parameter_count  # noqa: E402
+
+IMAGE = "grace_hopper.jpg"  # a photograph shipped with matplotlib: available offline
+
+
+def measure(name: str, img_size: int) -> dict:
+    """Parameters and GFLOPs of the model and of its GAP backbone, counted on the meta device."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    input_size = (3, img_size, img_size)
+    row = dict(
+        model=name,
+        params_m=parameter_count(model) / 1e6,
+        gap_params_m=parameter_count(model.backbone) / 1e6,
+        stream_params_m=parameter_count(model.stream) / 1e6,
+        gap_gflops=gflops(model.backbone, input_size),
+        gflops=gflops(model, input_size),
+        img_size=img_size,
+    )
+    if img_size == 224 and name in thesis.TABLE_3_3:  # the thesis measured at 224 px
+        row["thesis"] = thesis.TABLE_3_3[name]
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def thesis_cell(row, key, fmt):
+        return format(row["thesis"][key], fmt) if "thesis" in row else "-"
+
+    lines = [
+        "| model | params (M) | stream (M) | thesis params (M) | GFLOPs GAP -> CA-Stream | thesis GFLOPs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        thesis_gflops = (f"{row['thesis']['gap_gflops']:.3f} -> {row['thesis']['gflops']:.3f}"
+                         if "thesis" in row else "-")
+        lines.append(
+            f"| {row['model']} | {row['params_m']:.2f} | {row['stream_params_m']:.3f} | "
+            f"{thesis_cell(row, 'params_m', '.2f')} | {row['gap_gflops']:.3f} -> {row['gflops']:.3f} "
+            f"(+{row['gflops'] - row['gap_gflops']:.4f}) | {thesis_gflops} |"
+        )
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def stage_attentions(name: str, image: Image.Image, img_size: int, pretrained: bool):
+    """The preprocessed image (for display, in [0, 1]) and each tapped stage's index and attention."""
+    model = timm.create_model(name, pretrained=pretrained).eval()
+    config = resolve_data_config(dict(input_size=(3, img_size, img_size)), model=model)
+    x = create_transform(**config)(image).unsqueeze(0)
+    attentions = model.forward_stream(x).attentions
+    shown = x[0] * torch.tensor(config["std"])[:, None, None] + torch.tensor(config["mean"])[:, None, None]
+    return shown.clamp(0, 1).permute(1, 2, 0).numpy(), dict(enumerate(attentions, start=model.stream_start))
+
+
+def saliency_figure(names: list[str], img_size: int, pretrained: bool, path: Path) -> None:
+    """One row per model: the image, then each stage's attention overlaid, columns aligned by stride."""
+    image = Image.open(cbook.get_sample_data(IMAGE, asfileobj=False)).convert("RGB")
+    results = {name: stage_attentions(name, image, img_size, pretrained) for name in tqdm(names, desc="saliency")}
+    columns = 1 + max(len(maps) for _, maps in results.values())
+    fig, axes = plt.subplots(len(names), columns, figsize=(2.2 * columns, 2.3 * len(names)), squeeze=False)
+    for row, (name, (shown, maps)) in zip(axes, results.items(), strict=True):
+        row[0].imshow(shown)
+        row[0].set_title(name, fontsize=8, loc="left")
+        for ax in row:
+            ax.axis("off")
+        for ax, (stage, attention) in zip(row[columns - len(maps):], maps.items(), strict=True):
+            upsampled = F.interpolate(attention[:, None], size=shown.shape[:2], mode="bilinear", align_corners=False)
+            ax.imshow(shown)
+            ax.imshow(upsampled[0, 0].numpy(), cmap="jet", alpha=0.5)
+            ax.set_title(f"stage {stage}, {attention.shape[-2]}x{attention.shape[-1]}", fontsize=8)
+    weights = "pretrained weights" if pretrained else "random initialisation: the mechanism, not learned evidence"
+    fig.suptitle(f"CA-Stream built-in saliency: each stage's attention, own colour scale ({weights})", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=None, help="registered names (default: all zoo models)")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--out", type=Path, default=Path("results/quicklook"))
+    parser.add_argument("--pretrained", action="store_true", help="load Hub weights instead of random init")
+    args = parser.parse_args(argv)
+    names = args.models or zoo.list_models()
+    unknown = sorted(set(names) - set(zoo.list_models()))
+    if unknown:
+        parser.error(f"not zoo models: {', '.join(unknown)} (known: {', '.join(zoo.list_models())})")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    rows = [measure(name, args.img_size) for name in tqdm(names, desc="size and cost")]
+    table = markdown_table(rows)
+    note = (f"Ours: measured at {args.img_size} px, FLOPs by torch's FlopCounterMode (2 per multiply-accumulate, "
+            "convolutions and matrix products only). Thesis: Table 3.3 of the thesis, ImageNet-1k, 224 px.")
+    (args.out / "models.md").write_text(f"{table}\n\n{note}\n")
+    (args.out / "models.json").write_text(json.dumps(rows, indent=2))
+    saliency_figure(names, args.img_size, args.pretrained, args.out / "saliency.png")
+    print(f"{table}\n\n{note}\n")
+    print(f"wrote {args.out / 'models.md'}, {args.out / 'models.json'} and {args.out / 'saliency.png'}")
+
+
+if __name__ == "__main__":
+    main()

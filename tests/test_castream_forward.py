@@ -202,3 +202,13 @@ def test_bad_input_is_named(family, bad, message):
 def test_non_tensor_input_is_named():
     with pytest.raises(TypeError, match="expects a torch.Tensor image batch, got list"):
         build("resnet")([[0.0]])
+
+
+def test_saliency_stays_finite_under_autocast_and_extreme_inputs(family):
+    model = build(family)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saliency = model(images()).saliency
+    assert torch.isfinite(saliency).all()
+    torch.testing.assert_close(saliency.float().sum((1, 2)), torch.ones(2), atol=1e-2, rtol=0)
+    saliency = model(images() * 1e4).saliency
+    assert torch.isfinite(saliency).all() and (saliency >= 0).all()

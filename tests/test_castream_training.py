@@ -49,3 +49,15 @@ def test_a_training_step_moves_the_stream_and_nothing_else(model):
     torch.testing.assert_close(model.backbone.forward_features(x), features_before, rtol=0, atol=0)
     changed = [key for key, value in model.stream.state_dict().items() if not torch.equal(value, stream_before[key])]
     assert "query" in changed and any(key.endswith("proj.weight") for key in changed)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model, x = timm.create_model("resnet18_castream", num_classes=5), torch.randn(2, 3, 64, 64)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        model(x).logits.sum().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)

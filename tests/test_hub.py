@@ -11,9 +11,9 @@ from zoo.hub import add_to_hf_cache
 X = torch.randn(2, 3, 64, 64)
 
 
-def saved(model, folder):
+def saved(model, folder, **model_args):
     """A Hub folder as timm writes it: model.safetensors + config.json, no pickle."""
-    save_for_hf(model, folder, safe_serialization=True)
+    save_for_hf(model, folder, safe_serialization=True, model_args=model_args or None)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     return folder
 
@@ -41,7 +41,8 @@ def test_pretrained_true_loads_the_default_tag_offline(tmp_path):
 
 def test_hub_id_overlay_and_hf_hub_name_load_offline(tmp_path):
     model = timm.create_model("convnext_small_castream", backbone="convnext_atto", num_classes=7)
-    add_to_hf_cache(saved(model, tmp_path), "someone/castream-atto")
+    # construction arguments go into config.json (timm >= 1.0.31 records them itself)
+    add_to_hf_cache(saved(model, tmp_path, backbone="convnext_atto", num_classes=7), "someone/castream-atto")
     overlay = dict(hf_hub_id="someone/castream-atto", num_classes=7)
     assert_same_outputs(model, timm.create_model("convnext_small_castream", backbone="convnext_atto", num_classes=7,
                                                  pretrained=True, pretrained_cfg_overlay=overlay))

@@ -28,6 +28,7 @@ from timm.models import (
     resolve_pretrained_cfg,
 )
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..hub import hub_id
 from ..output import ModelOutput, check_image_batch
@@ -56,7 +57,8 @@ class CrossAttentionBlock(nn.Module):
         tokens = features.flatten(2)
         if self.key is not None:
             query = query @ self.key.weight
-        attention = torch.softmax(torch.bmm(query.unsqueeze(1), tokens).squeeze(1) * self.scale, dim=-1)
+        # scaling the query rather than the scores: d products instead of h*w, and no fp16 overflow
+        attention = torch.softmax(torch.bmm((query * self.scale).unsqueeze(1), tokens).squeeze(1), dim=-1)
         # a row vector times the transposed tokens: ~10x faster on CPU than tokens @ column vector
         pooled = torch.bmm(attention.unsqueeze(1), tokens.transpose(1, 2)).squeeze(1)
         if self.value is not None:
@@ -110,6 +112,12 @@ def _resnet_stages(net: ResNet) -> list[list[nn.Module]]:
 def _convnext_stages(net: ConvNeXt) -> list[list[nn.Module]]:
     """f_0 ... f_3 of eq. 3.5: the four stages (the stem runs before the first)."""
     return [[net.stem, net.stages[0]], [net.stages[1]], [net.stages[2]], [net.stages[3], net.norm_pre]]
+
+
+def _run(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for module in modules:
+        x = module(x)
+    return x
 
 
 _STAGE_SPLITS: dict[type, Callable[[nn.Module], list[list[nn.Module]]]] = {
@@ -173,6 +181,7 @@ class CAStream(nn.Module):
         self.class_specific = class_specific
         self.return_saliency = return_saliency
         self.backbone_frozen = False
+        self.grad_checkpointing = False
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = net.num_features
@@ -182,9 +191,9 @@ class CAStream(nn.Module):
     # --- the stream ---------------------------------------------------------------------------
 
     def _stage_features(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for stage in self._stages:
-            for module in stage:
-                x = module(x)
+            x = checkpoint(_run, stage, x, use_reentrant=False) if recompute else _run(stage, x)
             yield x
 
     def forward_stream(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> StreamOutput:
@@ -236,6 +245,10 @@ class CAStream(nn.Module):
         out = self.forward_stream(x, targets)
         logits = self._classify(out.query)
         return ModelOutput(logits, out.attentions[-1]) if self.return_saliency else logits
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute backbone stages in the backward pass instead of storing their activations."""
+        self.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
         return self.backbone.get_classifier()
@@ -355,7 +368,7 @@ def _cfg(name: str, backbone_weights: str, **kwargs) -> dict:
     """The stream is trained with its backbone's data config; the classifier sits in the backbone."""
     source = get_pretrained_cfg(backbone_weights).to_dict()
     data = {key: source[key] for key in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
-                                         "pool_size", "license")}
+                                         "pool_size", "license") if source.get(key) is not None}
     return dict(
         hf_hub_id=hub_id(name), num_classes=1000, first_conv=f"backbone.{source['first_conv']}",
         classifier=f"backbone.{source['classifier']}", paper_name="CA-Stream: Attention-based pooling for "

@@ -5,11 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= results/quicklook
 
-.PHONY: demo test lint benchmark clean
+.PHONY: demo test benchmark clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 

@@ -7,7 +7,7 @@ within every round, so both see the same machine load; the median of the per-rou
 is reported with its quartiles (the thesis: +0.1-0.2% FLOPs, so the goal is a ratio of at least 0.97).
 Also reported: the share of the CA-Stream forward spent in the stream itself, timed alone on the same
 stage features, which a noisy machine disturbs far less than the ratio. Writes a JSON file and a bar
-chart of the ratios into ``--out``.
+chart of the ratios into ``--out``, named by the time of the run.
 """
 
 import argparse
@@ -88,7 +88,8 @@ def main(argv=None):
               f"{row['ratio_q1']:6.3f}-{row['ratio_q3']:.3f} {100 * row['stream_share']:12.2f}%")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "castream_throughput.json").write_text(json.dumps(dict(setting=setting, rows=rows), indent=2))
+    stem = args.out / f"castream_throughput-{time.strftime('%Y%m%d-%H%M%S')}"  # earlier runs are kept
+    stem.with_suffix(".json").write_text(json.dumps(dict(setting=setting, rows=rows), indent=2))
     fig, ax = plt.subplots(figsize=(1 + 0.9 * len(rows), 3.5))
     errors = [[row["ratio"] - row["ratio_q1"] for row in rows], [row["ratio_q3"] - row["ratio"] for row in rows]]
     ax.bar([row["model"].removesuffix("_castream") for row in rows], [row["ratio"] for row in rows], yerr=errors,
@@ -101,8 +102,8 @@ def main(argv=None):
     ax.legend(fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out / "castream_throughput.png", dpi=110)
-    print(f"wrote {args.out / 'castream_throughput.json'} and {args.out / 'castream_throughput.png'}")
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    print(f"wrote {stem}.json and {stem}.png")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ def test_quicklook_writes_the_table_and_the_saliency_figure(tmp_path, capsys):
     assert "| resnet18_castream | 12.13 | 0.440 | 12.13 |" in printed
     with Image.open(tmp_path / "saliency.png") as image:
         assert image.width > 600 and image.height > 300
+    first_run = (tmp_path / "saliency.png").read_bytes()
+    quicklook.main(["--models", *names, "--out", str(tmp_path)])  # same seed, same figure
+    assert "replacing the previous quick look" in capsys.readouterr().out
+    assert (tmp_path / "saliency.png").read_bytes() == first_run
 
 
 def test_quicklook_refuses_unknown_models(tmp_path):
@@ -43,8 +47,9 @@ def test_benchmark_script_reports_ratios(tmp_path, monkeypatch, capsys):
             "--rounds", "3", "--device", "cpu", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(ROOT / "benchmarks" / "castream_throughput.py"), run_name="__main__")
-    result = json.loads((tmp_path / "castream_throughput.json").read_text())
-    (row,) = result["rows"]
+    (json_file,) = tmp_path.glob("castream_throughput-*.json")
+    (row,) = json.loads(json_file.read_text())["rows"]
     assert row["model"] == "resnet18_castream" and row["ratio_q1"] <= row["ratio"] <= row["ratio_q3"]
-    assert (tmp_path / "castream_throughput.png").stat().st_size > 0
+    assert 0 < row["stream_share"] < 1
+    assert json_file.with_suffix(".png").stat().st_size > 0
     assert "resnet18_castream" in capsys.readouterr().out

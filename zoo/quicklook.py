@@ -51,20 +51,18 @@ def measure(name: str, img_size: int) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    def thesis_cell(row, key, fmt):
-        return format(row["thesis"][key], fmt) if "thesis" in row else "-"
-
     lines = [
         "| model | params (M) | stream (M) | thesis params (M) | GFLOPs GAP -> CA-Stream | thesis GFLOPs |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        thesis_gflops = (f"{row['thesis']['gap_gflops']:.3f} -> {row['thesis']['gflops']:.3f}"
-                         if "thesis" in row else "-")
+        paper = row.get("thesis")
+        paper_params = f"{paper['params_m']:.2f}" if paper else "-"
+        paper_gflops = f"{paper['gap_gflops']:.3f} -> {paper['gflops']:.3f}" if paper else "-"
         lines.append(
-            f"| {row['model']} | {row['params_m']:.2f} | {row['stream_params_m']:.3f} | "
-            f"{thesis_cell(row, 'params_m', '.2f')} | {row['gap_gflops']:.3f} -> {row['gflops']:.3f} "
-            f"(+{row['gflops'] - row['gap_gflops']:.4f}) | {thesis_gflops} |"
+            f"| {row['model']} | {row['params_m']:.2f} | {row['stream_params_m']:.3f} | {paper_params} | "
+            f"{row['gap_gflops']:.3f} -> {row['gflops']:.3f} (+{row['gflops'] - row['gap_gflops']:.4f}) | "
+            f"{paper_gflops} |"
         )
     return "\n".join(lines)
 
@@ -109,22 +107,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--out", type=Path, default=Path("results/quicklook"))
     parser.add_argument("--pretrained", action="store_true", help="load Hub weights instead of random init")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     args = parser.parse_args(argv)
     names = args.models or zoo.list_models()
     unknown = sorted(set(names) - set(zoo.list_models()))
     if unknown:
         parser.error(f"not zoo models: {', '.join(unknown)} (known: {', '.join(zoo.list_models())})")
+    outputs = [args.out / name for name in ("models.md", "models.json", "saliency.png")]
+    if any(path.exists() for path in outputs):
+        print(f"replacing the previous quick look in {args.out} (it is reproducible: fixed seed)")
     args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
 
     rows = [measure(name, args.img_size) for name in tqdm(names, desc="size and cost")]
     table = markdown_table(rows)
     note = (f"Ours: measured at {args.img_size} px, FLOPs by torch's FlopCounterMode (2 per multiply-accumulate, "
             "convolutions and matrix products only). Thesis: Table 3.3 of the thesis, ImageNet-1k, 224 px.")
-    (args.out / "models.md").write_text(f"{table}\n\n{note}\n")
-    (args.out / "models.json").write_text(json.dumps(rows, indent=2))
-    saliency_figure(names, args.img_size, args.pretrained, args.out / "saliency.png")
+    outputs[0].write_text(f"{table}\n\n{note}\n")
+    outputs[1].write_text(json.dumps(rows, indent=2))
+    saliency_figure(names, args.img_size, args.pretrained, outputs[2])
     print(f"{table}\n\n{note}\n")
-    print(f"wrote {args.out / 'models.md'}, {args.out / 'models.json'} and {args.out / 'saliency.png'}")
+    print(f"wrote {', '.join(map(str, outputs))}")
 
 
 if __name__ == "__main__":

@@ -1,2 +1,2 @@
-"""Post-hoc saliency methods, interpretability metrics, the evaluation harness and model-card
-publishing. Not written yet: see the project's issues on saliency methods, the harness and model cards."""
+"""Evaluation: post-hoc saliency methods (``evaluation.saliency``), interpretability metrics
+(``evaluation.metrics``); the harness and model-card publishing are still to come. See README.md."""

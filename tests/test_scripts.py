@@ -53,3 +53,14 @@ def test_benchmark_script_reports_ratios(tmp_path, monkeypatch, capsys):
     assert 0 < row["stream_share"] < 1
     assert json_file.with_suffix(".png").stat().st_size > 0
     assert "resnet18_castream" in capsys.readouterr().out
+
+
+def test_saliency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["saliency_speed.py", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    runpy.run_path(str(ROOT / "benchmarks" / "saliency_speed.py"), run_name="__main__")
+    (json_file,) = tmp_path.glob("saliency_speed-*.json")
+    result = json.loads(json_file.read_text())
+    assert [row["method"] for row in result["cams"]] == ["gradcam", "scorecam"]
+    assert all(row["max_abs_diff"] < 1e-2 and row["speedup"] > 0 for row in result["cams"])
+    assert [row["run"] for row in result["opticam"]][-1] == "straightforward loop"
+    assert json_file.with_suffix(".md").exists() and json_file.with_suffix(".png").exists()

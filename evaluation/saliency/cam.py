@@ -1,0 +1,123 @@
+"""The CAM family (thesis §1.3.2, eq. 1.3-1.9): each method only says how it weighs the target
+layer's feature maps; capture, upsampling and normalisation are the shared mechanism's."""
+
+import torch
+
+from .core import Explainer, normalise_per_image, saliency_method, weighted_map
+
+EPS = 1e-7
+
+
+@saliency_method("cam")
+def cam(ex: Explainer) -> torch.Tensor:
+    """CAM (Zhou et al. 2016): the classifier's weights of the target class (h = identity)."""
+    capture = ex.capture()
+    classifier = ex.model.get_classifier() if hasattr(ex.model, "get_classifier") else None
+    weight = getattr(classifier, "weight", None)
+    if weight is None or weight.ndim != 2 or weight.shape[1] != capture.activations.shape[1]:
+        raise ValueError(f"cam needs a linear classifier over the {capture.activations.shape[1]} channels of the "
+                         f"target layer; {ex.model_name} has none (use a gradient-based method)")
+    return torch.einsum("bk,bkhw->bhw", weight[ex.targets], capture.activations)
+
+
+@saliency_method("gradcam")
+def gradcam(ex: Explainer) -> torch.Tensor:
+    """Grad-CAM: channel weights are the spatially averaged gradients."""
+    capture = ex.capture(gradients=True)
+    return weighted_map(capture.activations, capture.gradients.mean((2, 3)))
+
+
+@saliency_method("gradcampp")
+def gradcampp(ex: Explainer) -> torch.Tensor:
+    """Grad-CAM++ (eq. 1.5, closed form with gradient powers for an exponential score)."""
+    capture = ex.capture(gradients=True)
+    grads, acts = capture.gradients, capture.activations
+    grads2 = grads.square()
+    alpha = grads2 / (2 * grads2 + acts.sum((2, 3), keepdim=True) * grads2 * grads + 1e-6)
+    alpha = torch.where(grads != 0, alpha, 0.0)
+    return weighted_map(acts, (alpha * grads.relu()).sum((2, 3)))
+
+
+@saliency_method("xgradcam", "axiomcam")
+def xgradcam(ex: Explainer) -> torch.Tensor:
+    """XGrad-CAM / Axiom-CAM: gradients weighted by the normalised activations (eq. 1.8)."""
+    capture = ex.capture(gradients=True)
+    acts = capture.activations
+    return weighted_map(acts, (capture.gradients * acts / (acts.sum((2, 3), keepdim=True) + EPS)).sum((2, 3)))
+
+
+@saliency_method("layercam")
+def layercam(ex: Explainer) -> torch.Tensor:
+    """Layer-CAM: element-wise positive gradients times activations, summed over channels."""
+    capture = ex.capture(gradients=True)
+    return (capture.gradients.relu() * capture.activations).sum(1).relu()
+
+
+@saliency_method("hirescam")
+def hirescam(ex: Explainer) -> torch.Tensor:
+    """HiRes-CAM: element-wise gradients times activations, summed over channels."""
+    capture = ex.capture(gradients=True)
+    return (capture.gradients * capture.activations).sum(1).relu()
+
+
+def _chunks(count: int, size: int):
+    for start in range(0, count, size):
+        yield slice(start, min(start + size, count))
+
+
+@saliency_method("scorecam")
+def scorecam(ex: Explainer, batch_size: int = 32) -> torch.Tensor:
+    """Score-CAM (eq. 1.6-1.7): softmax over channels of the target logit of the image masked by each
+    channel's upsampled, min-max normalised map. Channels with a constant map all give the same empty
+    mask, so the model sees it once per call rather than once per such channel."""
+    capture = ex.capture()
+    acts = capture.activations
+    batch, channels = acts.shape[:2]
+    size = ex.images.shape[-2:]
+    flat = acts.flatten(2)
+    live = flat.amax(2) > flat.amin(2)  # [B, K]
+    rows, kept = live.nonzero(as_tuple=True)
+    scores = ex.score(ex.logits(torch.zeros_like(ex.images[:1])).expand(batch, -1))[:, None].repeat(1, channels)
+    for part in _chunks(len(rows), batch_size):
+        masks = normalise_per_image(acts[rows[part], kept[part]], size)
+        logits = ex.logits(ex.images[rows[part]] * masks[:, None])
+        scores[rows[part], kept[part]] = ex.score(logits, rows[part])
+    return weighted_map(acts, scores.softmax(1))
+
+
+@saliency_method("ablationcam")
+def ablationcam(ex: Explainer, batch_size: int = 32) -> torch.Tensor:
+    """Ablation-CAM (eq. 1.9): ``w_k = (y_c - y_c^k) / y_c`` with channel k of the layer set to zero."""
+    capture = ex.capture()
+    acts = capture.activations
+    batch, channels = acts.shape[:2]
+    base = ex.score(capture.logits)
+    rows = torch.arange(batch, device=acts.device).repeat_interleave(channels)
+    ablated_channel = torch.arange(channels, device=acts.device).repeat(batch)
+    ablated_scores = torch.empty(batch * channels, device=acts.device)
+    for part in _chunks(len(rows), batch_size):
+        ablated = acts[rows[part]].clone()
+        ablated[torch.arange(len(ablated)), ablated_channel[part]] = 0
+        logits = ex.logits_with_layer_output(ex.images[rows[part]], ablated)
+        ablated_scores[part] = ex.score(logits, rows[part])
+    weights = (base[:, None] - ablated_scores.view(batch, channels)) / (base[:, None] + EPS)
+    return weighted_map(acts, weights)
+
+
+@saliency_method("fakecam")
+def fakecam(ex: Explainer) -> torch.Tensor:
+    """Fake-CAM (thesis §2.4): ones everywhere but a zero at the top-left pixel, a sanity baseline."""
+    maps = torch.ones(len(ex.images), *ex.images.shape[-2:], device=ex.images.device)
+    maps[:, 0, 0] = 0
+    return maps
+
+
+@saliency_method("attention")
+def attention(ex: Explainer) -> torch.Tensor:
+    """A zoo model's built-in saliency (CA-Stream: the last stage's attention), class-agnostic."""
+    output = ex.model(ex.images)
+    if not hasattr(output, "saliency"):
+        raise ValueError(f"attention needs a zoo model with built-in saliency; {ex.model_name} returns "
+                         f"{type(output).__name__}")
+    return output.saliency
+

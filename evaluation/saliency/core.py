@@ -1,0 +1,260 @@
+"""The mechanism every saliency method shares: one call's model state, target layer, targets,
+captured activations and gradients, and the map's final upsampling and normalisation.
+
+A method is a function ``method(ex: Explainer, **options) -> Tensor`` registered with
+``@saliency_method(name)``; it returns a raw map ``[B, h, w]`` (at the layer's or the input's
+resolution) and ``explain`` turns it into ``[B, H, W]`` in [0, 1].
+"""
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.data import resolve_data_config
+from torch import nn
+
+from zoo import CAStream, ModelOutput
+
+__all__ = ["METHODS", "Explainer", "default_layer", "explain", "mask_images", "pixel_statistics", "saliency_method"]
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def saliency_method(name: str, *aliases: str):
+    """Register ``fn(ex, **options)`` under ``name`` (and aliases) in ``METHODS``."""
+    def register(fn):
+        METHODS[name] = fn
+        for alias in aliases:
+            METHODS[alias] = fn
+            _ALIASES[alias] = name
+        return fn
+    return register
+
+
+def logits_of(output) -> torch.Tensor:
+    """Logits from a zoo ``ModelOutput``, a tuple whose first item they are, or a plain tensor."""
+    if isinstance(output, ModelOutput | tuple):
+        return output[0]
+    return output
+
+
+def default_layer(model: nn.Module) -> nn.Module:
+    """The layer CAM methods explain by default: a ResNet's last block, a ConvNeXt's last stage,
+    any timm model's last feature stage; for a CA-Stream model, that layer of its backbone."""
+    net = model.backbone if isinstance(model, CAStream) else model
+    if hasattr(net, "layer4"):  # timm and torchvision ResNets
+        return net.layer4[-1]
+    if hasattr(net, "stages"):  # timm ConvNeXt and other staged timm models
+        return net.stages[-1]
+    if hasattr(net, "features") and isinstance(net.features, nn.Sequential):  # torchvision ConvNeXt, VGG, ...
+        return net.features[-1]
+    feature_info = getattr(net, "feature_info", None)
+    if feature_info:
+        info = feature_info[-1] if isinstance(feature_info, list) else feature_info.info[-1]
+        return net.get_submodule(info["module"])
+    raise ValueError(f"no default layer for a {type(model).__name__}: pass layer= (a module or its dotted name)")
+
+
+def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:
+    if layer is None:
+        return default_layer(model)
+    if isinstance(layer, nn.Module):
+        if not any(module is layer for module in model.modules()):
+            raise ValueError(f"layer {type(layer).__name__} is not a module of this {type(model).__name__}")
+        return layer
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        children = ", ".join(name for name, _ in model.named_children())
+        raise ValueError(f"{type(model).__name__} has no layer {layer!r} (its top-level modules: {children})") from None
+
+
+@contextmanager
+def _explaining(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no parameter gradients and built-in saliency on for the call; all restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    returns_saliency = getattr(model, "return_saliency", None)
+    model.eval().requires_grad_(False)
+    if returns_saliency is not None:
+        model.return_saliency = True
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param, requires_grad in flags:
+            param.requires_grad_(requires_grad)
+        if returns_saliency is not None:
+            model.return_saliency = returns_saliency
+
+
+@dataclass
+class Capture:
+    """What one forward pass shows of the target layer."""
+
+    activations: torch.Tensor  # [B, K, h, w]
+    gradients: torch.Tensor | None  # d(sum of target logits) / d activations, or None
+    logits: torch.Tensor  # [B, num_classes]
+    output: object  # the model's raw output (a zoo ModelOutput carries the built-in saliency)
+
+
+class Explainer:
+    """One ``explain`` call: the model, images, targets, target layer and what was captured."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None,
+                 layer: nn.Module | str | None, model_name: str):
+        self.model = model
+        self.images = images
+        self.targets = targets
+        self._layer_request = layer
+        self._layer = None
+        self.model_name = model_name
+
+    @property
+    def layer(self) -> nn.Module:
+        """The target layer, resolved when a method first needs one."""
+        if self._layer is None:
+            self._layer = _resolve_layer(self.model, self._layer_request)
+        return self._layer
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(x))
+
+    def score(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Target logit of each row; ``rows`` maps rows to images when they are not one per image."""
+        targets = self.targets if rows is None else self.targets[rows]
+        return logits.gather(1, targets[:, None]).squeeze(1)
+
+    def resolve_targets(self, logits: torch.Tensor) -> None:
+        """Predicted classes when no targets were given; otherwise check them against the logits."""
+        if self.targets is None:
+            self.targets = logits.argmax(1)
+            return
+        num_classes = logits.shape[1]
+        if self.targets.min() < 0 or self.targets.max() >= num_classes:
+            raise ValueError(f"targets must be class indices in [0, {num_classes}) for {self.model_name}, got "
+                             f"values in [{self.targets.min().item()}, {self.targets.max().item()}]")
+
+    def _spatial(self, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.ndim != 4:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ValueError(f"layer {type(self.layer).__name__} of {self.model_name} does not output a feature "
+                             f"map [B, C, h, w] (got {shape}); choose a spatial layer with layer=")
+        return output
+
+    def capture(self, gradients: bool = False) -> Capture:
+        """One forward pass that records the layer's output and, if asked, the target logits' gradient
+        with respect to it. The output is replaced by a detached leaf, so the backward pass only runs
+        through the network above the layer (gradients still flow through a CA-Stream)."""
+        seen = {}
+
+        def hook(module, inputs, output):
+            leaf = self._spatial(output).detach().requires_grad_(gradients)
+            seen["activations"] = leaf
+            return leaf
+
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            output = self.model(self.images)
+        finally:
+            handle.remove()
+        if "activations" not in seen:
+            raise ValueError(f"layer {type(self.layer).__name__} was not run by {self.model_name}'s forward")
+        logits = logits_of(output)
+        self.resolve_targets(logits)
+        activations = seen["activations"]
+        grads = torch.autograd.grad(self.score(logits).sum(), activations)[0] if gradients else None
+        return Capture(activations.detach(), grads, logits.detach(), output)
+
+    def logits_with_layer_output(self, images: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
+        """Logits of ``images`` when the target layer outputs ``replacement`` instead of its own output."""
+        handle = self.layer.register_forward_hook(lambda module, inputs, output: replacement)
+        try:
+            return self.logits(images)
+        finally:
+            handle.remove()
+
+
+
+def pixel_statistics(model: nn.Module, like: torch.Tensor, mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's input normalisation as [1, C, 1, 1] tensors like ``like`` (its data config unless given)."""
+    config = resolve_data_config(model=model)
+    mean = torch.as_tensor(config["mean"] if mean is None else mean, dtype=like.dtype, device=like.device)
+    std = torch.as_tensor(config["std"] if std is None else std, dtype=like.dtype, device=like.device)
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+def mask_images(images: torch.Tensor, masks: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Normalised images multiplied by masks [B, H, W] in pixel space: undo the normalisation,
+    multiply, normalise again (as the thesis' evaluation and Opti-CAM do)."""
+    return ((images * std + mean) * masks[:, None] - mean) / std
+
+
+def weighted_map(activations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``ReLU(sum_k w_k A^k)``: the general CAM form with channel weights [B, K] (thesis eq. 1.3)."""
+    return torch.einsum("bk,bkhw->bhw", weights, activations).relu()
+
+
+def normalise_per_image(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling to ``size`` then per-image min-max to [0, 1]. A constant map gives zeros,
+    also when rounding in the upsampling made it differ from constant by a few ulps."""
+    maps = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+    if maps.shape[-2:] != size:
+        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    low = maps.amin((1, 2), keepdim=True)
+    span = maps.amax((1, 2), keepdim=True) - low
+    constant = span <= 1e-5 * maps.abs().amax((1, 2), keepdim=True)
+    return torch.where(constant, 0.0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny))
+
+
+def _check_images(images: torch.Tensor, model: nn.Module, model_name: str) -> None:
+    channels = getattr(model, "in_chans", 3)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != channels \
+            or not images.is_floating_point():
+        got = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) \
+            else type(images).__name__
+        raise ValueError(f"images for {model_name} must be a float tensor [B, {channels}, H, W], got {got}")
+
+
+def _check_targets(targets, batch: int, device: torch.device) -> torch.Tensor | None:
+    if targets is None:
+        return None
+    targets = torch.as_tensor(targets, device=device)
+    if targets.ndim == 0:
+        raise ValueError(f"targets must hold one class per image ({batch}), got a single value; "
+                         "use torch.full((B,), c) to explain class c everywhere")
+    if targets.ndim != 1 or len(targets) != batch or targets.is_floating_point():
+        raise ValueError(f"targets must be {batch} integer class indices, one per image, got "
+                         f"{targets.dtype} of shape {tuple(targets.shape)}")
+    return targets.long()
+
+
+def explain(model: nn.Module, images: torch.Tensor, method: str, targets=None, layer: nn.Module | str | None = None,
+            **options) -> torch.Tensor:
+    """Saliency maps ``[B, H, W]`` in [0, 1] of ``method`` for ``targets`` (default: predicted classes).
+
+    ``layer`` (a module or its dotted name) is the layer CAM methods explain; by default a ResNet's last
+    block, a ConvNeXt's last stage, or that of a CA-Stream model's backbone. ``options`` go to the
+    method (e.g. ``iterations`` for Opti-CAM). The model's train/eval modes and ``requires_grad``
+    flags are restored afterwards and no hook is left on it.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown saliency method {method!r}; known: {', '.join(sorted(METHODS))}")
+    fn = METHODS[method]
+    accepted = list(inspect.signature(fn).parameters)[1:]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{_ALIASES.get(method, method)} takes no option {', '.join(unknown)} "
+                         f"(its options: {', '.join(accepted) or 'none'})")
+    model_name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    _check_images(images, model, model_name)
+    targets = _check_targets(targets, len(images), images.device)
+    with _explaining(model):
+        raw = fn(Explainer(model, images.detach(), targets, layer, model_name), **options)
+    return normalise_per_image(raw, images.shape[-2:])

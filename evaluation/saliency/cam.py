@@ -68,20 +68,22 @@ def _chunks(count: int, size: int):
 @saliency_method("scorecam")
 def scorecam(ex: Explainer, batch_size: int = 32) -> torch.Tensor:
     """Score-CAM (eq. 1.6-1.7): softmax over channels of the target logit of the image masked by each
-    channel's upsampled, min-max normalised map. Channels with a constant map all give the same empty
-    mask, so the model sees it once per call rather than once per such channel."""
+    channel's upsampled, min-max normalised map. Channels of one image whose maps are equal after
+    min-max normalisation (all constant maps, for one) give the same mask: each mask is run once."""
     capture = ex.capture()
     acts = capture.activations
-    batch, channels = acts.shape[:2]
-    size = ex.images.shape[-2:]
+    batch, channels, height, width = acts.shape
     flat = acts.flatten(2)
-    live = flat.amax(2) > flat.amin(2)  # [B, K]
-    rows, kept = live.nonzero(as_tuple=True)
-    scores = ex.score(ex.logits(torch.zeros_like(ex.images[:1])).expand(batch, -1))[:, None].repeat(1, channels)
-    for part in _chunks(len(rows), batch_size):
-        masks = normalise_per_image(acts[rows[part], kept[part]], size)
-        logits = ex.logits(ex.images[rows[part]] * masks[:, None])
-        scores[rows[part], kept[part]] = ex.score(logits, rows[part])
+    low, high = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
+    shapes = torch.where(high > low, (flat - low) / (high - low), 0.0)
+    size = ex.images.shape[-2:]
+    scores = torch.empty(batch, channels, device=acts.device)
+    for b in range(batch):
+        unique, inverse = torch.unique(shapes[b], dim=0, return_inverse=True)
+        masks = unique.view(-1, height, width)
+        unique_scores = [ex.logits(ex.images[b] * normalise_per_image(masks[part], size)[:, None])[:, ex.targets[b]]
+                         for part in _chunks(len(masks), batch_size)]
+        scores[b] = torch.cat(unique_scores)[inverse]
     return weighted_map(acts, scores.softmax(1))
 
 

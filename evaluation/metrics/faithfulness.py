@@ -1,4 +1,4 @@
-"""Interpretability metrics as pure functions on tensors (thesis §1.3.3, §2.4; SPEC §5).
+"""Faithfulness metrics: how the target probability reacts to masking the image by its saliency map.
 
 ``p`` holds the target-class probabilities on the images and ``o`` those on the images masked by
 their saliency maps (see ``evaluation.saliency.mask_images``); both are [N] tensors.

@@ -28,17 +28,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-from matplotlib import cbook  # noqa: E402
-from PIL import Image  # noqa: E402
 from pytorch_grad_cam import GradCAM, ScoreCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-from timm.data import resolve_data_config  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
 
 from evaluation.metrics import average_drop, average_gain, average_increase  # noqa: E402
 from evaluation.saliency import default_layer, explain, mask_images, pixel_statistics  # noqa: E402
 from evaluation.saliency.core import normalise_per_image  # noqa: E402
 from evaluation.saliency.opticam import combine, mask_of  # noqa: E402
+from zoo.measure import timed  # noqa: E402
+from zoo.samples import photo_crops  # noqa: E402
 
 REFERENCES = {"gradcam": GradCAM, "scorecam": ScoreCAM}
 # (method, model, batch, image size): Score-CAM runs one forward per channel, so it gets smaller images
@@ -46,27 +44,6 @@ FULL = [("gradcam", "resnet18", 8, 224), ("gradcam", "resnet18", 32, 224), ("gra
         ("gradcam", "resnet50", 32, 224), ("scorecam", "resnet18", 8, 96), ("scorecam", "resnet18", 32, 64),
         ("scorecam", "resnet50", 8, 64)]
 QUICK = [("gradcam", "resnet18", 2, 64), ("scorecam", "resnet18", 2, 64)]
-
-
-def photo_crops(model, count, size, seed=0):
-    """``count`` random crops of one photograph, preprocessed with the model's normalisation."""
-    config = resolve_data_config(model=model)
-    transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, scale=(0.2, 1.0)),
-                            v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                            v2.Normalize(config["mean"], config["std"])])
-    photo = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
-    torch.manual_seed(seed)
-    return torch.stack([transform(photo) for _ in range(count)])
-
-
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, result
 
 
 def against_pytorch_grad_cam(method, arch, batch, size, device, rounds):

@@ -1,10 +1,12 @@
 """Model size and cost, measured the same way for every model."""
 
+import time
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["gflops", "parameter_count"]
+__all__ = ["gflops", "parameter_count", "timed"]
 
 
 def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
@@ -23,3 +25,14 @@ def gflops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -
     with FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() / 1e9
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    """(seconds, result) of ``fn()``, waiting for the GPU's queued work before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result

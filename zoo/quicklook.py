@@ -19,7 +19,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from matplotlib import cbook  # noqa: E402
 from PIL import Image  # noqa: E402
 from timm.data import create_transform, resolve_data_config  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -27,8 +26,7 @@ from tqdm import tqdm  # noqa: E402
 import zoo  # noqa: E402
 from zoo import thesis  # noqa: E402
 from zoo.measure import gflops, parameter_count  # noqa: E402
-
-IMAGE = "grace_hopper.jpg"  # a photograph shipped with matplotlib: available offline
+from zoo.samples import photo  # noqa: E402
 
 
 def measure(name: str, img_size: int) -> dict:
@@ -80,7 +78,7 @@ def stage_attentions(name: str, image: Image.Image, img_size: int, pretrained: b
 
 def saliency_figure(names: list[str], img_size: int, pretrained: bool, path: Path) -> None:
     """One row per model: the image, then each stage's attention overlaid, columns aligned by stride."""
-    image = Image.open(cbook.get_sample_data(IMAGE, asfileobj=False)).convert("RGB")
+    image = photo()
     results = {name: stage_attentions(name, image, img_size, pretrained) for name in tqdm(names, desc="saliency")}
     columns = 1 + max(len(maps) for _, maps in results.values())
     fig, axes = plt.subplots(len(names), columns, figsize=(2.2 * columns, 2.3 * len(names)), squeeze=False)

@@ -1,0 +1,434 @@
+"""The evaluation harness: one command from a model and a dataset to the thesis' tables.
+
+    zoo-eval resnet50_castream --dataset cub --data-root data/ --methods gradcam scorecam fakecam
+
+One protocol, recorded in full with the results: the model and its weights, the dataset and split,
+preprocessing, the saliency methods and their options, which class is explained (ground truth by
+default, the prediction with ``--targets predicted``), the insertion/deletion preset. A run lives in
+``<out>/<protocol hash>/``: every batch's per-image results are cached there, so an interrupted run
+continues where it stopped, a different protocol never touches another's results, and several
+processes (``accelerate launch -m evaluation.harness ...``) share the batches. When all batches are
+done it writes ``results.json``, ``results.md`` (the thesis' table layout) and ``examples.png``.
+"""
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from timm.data import resolve_data_config  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import zoo  # noqa: E402, F401  (registers the zoo's models)
+from zoo.data import DATASETS, build_dataset, collate  # noqa: E402
+
+from .metrics import (  # noqa: E402
+    DEFAULT_PROTOCOL,
+    PROTOCOLS,
+    adcc,
+    average_drop,
+    average_gain,
+    average_increase,
+    box_accuracy,
+    coherency,
+    complexity,
+    energy_pointing_game,
+    insertion_deletion,
+    localisation_error,
+    max_box_accuracy,
+    mean_average_precision,
+    official_metric,
+    pixel_f1,
+    pointing_game,
+    relative_drop,
+    saliency_metric,
+    top_k_accuracy,
+)
+from .saliency import METHODS, explain, mask_images, pixel_statistics  # noqa: E402
+from .saliency.core import logits_of  # noqa: E402
+
+BOX_BASELINES = ("box", "box_complement")  # thesis Table 2.5: the ground truth itself as a saliency map
+EXAMPLES = 6  # images shown per method in examples.png
+
+
+METRICS = ("faithfulness", "curves", "adcc", "localisation")  # AD/AG/AI, insertion/deletion, ADCC, Table 2.6
+
+
+@dataclass
+class Protocol:
+    """Everything that decides a number in the results; its hash names the run."""
+
+    model: str
+    weights: str | None
+    num_classes: int
+    dataset: str
+    data_root: str
+    split: str
+    limit: int | None
+    methods: list[str]
+    method_options: dict = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=lambda: ["faithfulness", "curves"])
+    targets: str = "ground-truth"
+    curves: str = DEFAULT_PROTOCOL
+    batch_size: int = 16
+    data_config: dict = field(default_factory=dict)
+    seed: int = 0  # of a random initialisation, so that every process and every resumed run has the same model
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def eval_transform(config: dict) -> v2.Compose:
+    """timm's evaluation preprocessing (resize to size / crop_pct, centre crop, normalise) in torchvision's
+    v2 transforms, so the ground-truth boxes follow the image. Grey images become RGB."""
+    size = config["input_size"][-2:]
+    interpolation = v2.InterpolationMode(config.get("interpolation", "bilinear"))
+    return v2.Compose([
+        v2.ToImage(), v2.RGB(), v2.Resize(int(size[0] / config["crop_pct"]), interpolation=interpolation),
+        v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(config["mean"], config["std"]),
+    ])
+
+
+def load_model(name: str, weights: str | None, num_classes: int) -> torch.nn.Module:
+    """A registered model for ``num_classes``: random-initialised, or weights from a local safetensors
+    file, an ``org/name`` Hub repository, or ``default`` (the architecture's own pretrained tag)."""
+    if weights is None:
+        return timm.create_model(name, num_classes=num_classes)
+    overlay = dict(num_classes=num_classes)
+    if weights != "default":
+        if Path(weights).suffix == ".safetensors":
+            if not Path(weights).is_file():
+                raise FileNotFoundError(f"weights file {weights} not found")
+            overlay["file"] = weights
+        elif "/" in weights and not Path(weights).exists():
+            overlay["hf_hub_id"] = weights
+        else:
+            raise ValueError(f"--weights must be a .safetensors file, an org/name Hub id or 'default', got {weights!r}")
+    return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay)
+
+
+def explained_classes(labels: torch.Tensor, logits: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, classes): which image and which class each explanation is for. Single-label: one per image,
+    the label or the prediction. Multi-label (multi-hot labels): every positive class of an image for
+    ground truth, the top prediction otherwise."""
+    if mode == "predicted":
+        return torch.arange(len(logits), device=logits.device), logits.argmax(1)
+    if labels.ndim == 2:
+        return labels.nonzero(as_tuple=True)
+    return torch.arange(len(labels), device=labels.device), labels
+
+
+def box_maps(boxes: list[torch.Tensor], box_labels: list[torch.Tensor], rows: torch.Tensor, classes: torch.Tensor,
+             size: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The ground-truth boxes of each explanation (those of its class where the dataset labels boxes by
+    class, all the image's boxes otherwise) and their union as a binary map [n, H, W]."""
+    picked, maps = [], torch.zeros(len(rows), *size)
+    ys, xs = torch.arange(size[0])[:, None] + 0.5, torch.arange(size[1])[None] + 0.5
+    for i, (row, cls) in enumerate(zip(rows.tolist(), classes.tolist(), strict=True)):
+        image_boxes = boxes[row].as_subclass(torch.Tensor).float()
+        same_class = box_labels[row] == cls
+        chosen = image_boxes[same_class] if same_class.any() else image_boxes
+        for x0, y0, x1, y1 in chosen.tolist():
+            maps[i] = torch.maximum(maps[i], ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).float())
+        picked.append(chosen)
+    return maps, picked
+
+
+def _probability(model, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return logits_of(model(images)).softmax(1)[torch.arange(len(classes)), classes]
+
+
+def evaluate_batch(model, images: torch.Tensor, target: dict, protocol: Protocol, metrics: set[str],
+                   keep_examples: bool) -> dict[str, torch.Tensor]:
+    """Per-image results of one batch for every method: ``image/...`` per image, ``row/...`` per
+    explanation, ``time/<method>`` seconds, ``example/...`` maps of the first images (batch 0 only)."""
+    mean, std = pixel_statistics(model, images)
+    with torch.no_grad():
+        logits = logits_of(model(images))
+    labels = target["label"].to(images.device)
+    rows, classes = explained_classes(labels, logits, protocol.targets)
+    explained = images[rows]
+    record = {"image/logits": logits, "image/labels": labels, "row/rows": rows, "row/classes": classes,
+              "row/p": logits.softmax(1)[rows, classes]}
+    boxes = None
+    if "localisation" in metrics or set(protocol.methods) & set(BOX_BASELINES):
+        truth, boxes = box_maps(target["boxes"], target["box_labels"], rows.cpu(), classes.cpu(), images.shape[-2:])
+        truth = truth.to(images.device)
+    if keep_examples:
+        record["example/images"] = (explained[:EXAMPLES] * std + mean).clamp(0, 1)
+    for method in protocol.methods:
+        start = time.perf_counter()
+        if method in BOX_BASELINES:
+            maps = truth if method == "box" else 1 - truth
+        else:
+            maps = explain(model, explained, method, classes, **protocol.method_options.get(method, {}))
+        record[f"time/{method}"] = torch.tensor(time.perf_counter() - start)
+        masked = mask_images(explained, maps, mean, std)
+        record[f"row/{method}/o"] = _probability(model, masked, classes)
+        if "curves" in metrics:
+            scores = insertion_deletion(model, explained, maps, classes, protocol.curves)
+            record[f"row/{method}/insertion"], record[f"row/{method}/deletion"] = scores
+        if "adcc" in metrics and method not in BOX_BASELINES:
+            again = explain(model, masked, method, classes, **protocol.method_options.get(method, {}))
+            drop = relative_drop(record["row/p"], record[f"row/{method}/o"])
+            record[f"row/{method}/adcc"] = adcc(drop, coherency(maps, again), complexity(maps))
+        if "localisation" in metrics:
+            record.update(localisation(maps, boxes, logits.argmax(1)[rows], labels[rows], record["row/p"],
+                                       prefix=f"row/{method}/"))
+        if keep_examples:
+            record[f"example/{method}"] = maps[:EXAMPLES]
+    return {key: value.detach().cpu().clone(memory_format=torch.contiguous_format) for key, value in record.items()}
+
+
+def localisation(maps, boxes, predictions, labels, p, prefix: str) -> dict[str, torch.Tensor]:
+    """Per-explanation localisation values (thesis Table 2.6); OM only for single-label datasets."""
+    values = {"LE": localisation_error(maps, boxes), "F1": pixel_f1(maps, boxes), "SP": pointing_game(maps, boxes),
+              "EP": energy_pointing_game(maps, boxes), "SM": saliency_metric(maps, p),
+              "BA": box_accuracy(maps, boxes)}
+    if labels.ndim == 1:
+        values["OM"] = official_metric(maps, boxes, predictions, labels)
+    return {prefix + name: value for name, value in values.items()}
+
+
+def _concatenated(records: list[dict], prefix: str) -> dict[str, torch.Tensor]:
+    keys = [key for key in records[0] if key.startswith(prefix)]
+    return {key.removeprefix(prefix): torch.cat([record[key] for record in records]) for key in keys}
+
+
+def summarise(records: list[dict], protocol: Protocol) -> dict:
+    """Dataset-level results from the per-batch records: the means the thesis' tables print."""
+    images, rows = _concatenated(records, "image/"), _concatenated(records, "row/")
+    logits, labels = images["logits"], images["labels"]
+    if labels.ndim == 2:
+        recognition = {"mAP": mean_average_precision(logits, labels).item()}
+    else:
+        ks = tuple(k for k in (1, 5) if k <= logits.shape[1])
+        hits = top_k_accuracy(logits, labels, ks)
+        recognition = {f"top{k}": hits[:, i].mean().item() for i, k in enumerate(ks)}
+    methods = {}
+    for method in protocol.methods:
+        o = rows[f"{method}/o"]
+        result = {"AD": average_drop(rows["p"], o), "AG": average_gain(rows["p"], o),
+                  "AI": average_increase(rows["p"], o)}
+        for name, key in (("I", "insertion"), ("D", "deletion"), ("ADCC", "adcc")):
+            if f"{method}/{key}" in rows:
+                result[name] = 100 * rows[f"{method}/{key}"].mean()
+        for name in ("OM", "LE", "F1", "SP", "EP", "SM"):
+            if f"{method}/{name}" in rows:
+                result[name] = rows[f"{method}/{name}"].mean()
+        if f"{method}/BA" in rows:
+            result["BA"] = max_box_accuracy(rows[f"{method}/BA"])
+        result["seconds_per_image"] = sum(record[f"time/{method}"] for record in records) / len(labels)
+        methods[method] = {name: float(value) for name, value in result.items()}
+    return {"images": len(labels), "explanations": len(rows["p"]), "recognition": recognition, "methods": methods}
+
+
+COLUMNS = {  # the thesis' table columns: name, better when (lower/higher), heading
+    "faithfulness": [("AD", "↓"), ("AG", "↑"), ("AI", "↑"), ("I", "↑"), ("D", "↓"), ("ADCC", "↑")],
+    "localisation": [("OM", "↓"), ("LE", "↓"), ("F1", "↑"), ("BA", "↑"), ("SP", "↑"), ("EP", "↑"), ("SM", "↓")],
+}
+
+
+def comparison(results: list[dict]) -> str:
+    """Several runs side by side, grouped by method as the thesis' Tables 3.1 and 4.1 set GAP against
+    CA-Stream or a baseline against gradient denoising: one row per (method, run)."""
+    lines = []
+    for title, columns in COLUMNS.items():
+        present = [(name, arrow) for name, arrow in columns
+                   if any(name in values for result in results for values in result["methods"].values())]
+        if not present:
+            continue
+        lines += ["", f"## {title.capitalize()}", "",
+                  "| method | model | " + " | ".join(f"{name}{arrow}" for name, arrow in present) + " |",
+                  "|---" * (len(present) + 2) + "|"]
+        methods = dict.fromkeys(method for result in results for method in result["methods"])
+        for method in methods:
+            for result in results:
+                if method in result["methods"]:
+                    values = result["methods"][method]
+                    cells = [f"{values[name]:.2f}" if name in values else "-" for name, _ in present]
+                    lines.append(f"| {method} | {result['protocol']['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def compare_main(argv: list[str] | None = None) -> None:
+    """``zoo-eval-table RESULTS.json ...``: print runs side by side (e.g. GAP vs CA-Stream)."""
+    parser = argparse.ArgumentParser(prog="zoo-eval-table", description=comparison.__doc__)
+    parser.add_argument("results", nargs="+", type=Path, help="results.json files written by zoo-eval")
+    args = parser.parse_args(argv)
+    print(comparison([json.loads(path.read_text()) for path in args.results]))
+
+
+def markdown(summary: dict, protocol: Protocol) -> str:
+    """Results in the layout of the thesis' tables (2.1, 3.1: faithfulness; 2.6: localisation)."""
+    recognition = ", ".join(f"{name} {value:.2f}" for name, value in summary["recognition"].items())
+    lines = [f"# {protocol.model} on {protocol.dataset} ({protocol.split}, {summary['images']} images)", "",
+             f"Recognition: {recognition}. Explained class: {protocol.targets}; insertion/deletion preset: "
+             f"{protocol.curves}. Measured by this run (interpretable-zoo harness), protocol {protocol.key()}."]
+    for title, columns in COLUMNS.items():
+        present = [(name, arrow) for name, arrow in columns
+                   if any(name in result for result in summary["methods"].values())]
+        if not present:
+            continue
+        lines += ["", f"## {title.capitalize()}", "",
+                  "| method | " + " | ".join(f"{name}{arrow}" for name, arrow in present) + " | s/image |",
+                  "|---" * (len(present) + 2) + "|"]
+        for method, result in summary["methods"].items():
+            cells = [f"{result[name]:.2f}" if name in result else "-" for name, _ in present]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {result['seconds_per_image']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def examples_figure(record: dict, methods: list[str], path: Path) -> None:
+    """The first images of the run, each method's map overlaid (one row per method)."""
+    images = record["example/images"].permute(0, 2, 3, 1).numpy()
+    fig, axes = plt.subplots(len(methods) + 1, len(images), figsize=(1.8 * len(images), 1.9 * (len(methods) + 1)),
+                             squeeze=False)
+    for column, image in enumerate(images):
+        axes[0, column].imshow(image)
+        for row, method in enumerate(methods, start=1):
+            axes[row, column].imshow(image)
+            axes[row, column].imshow(record[f"example/{method}"][column].numpy(), cmap="jet", alpha=0.5,
+                                     vmin=0, vmax=1)
+    for row, title in enumerate(["image", *methods]):
+        axes[row, 0].set_ylabel(title, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(protocol: Protocol, out: Path, accelerator: Accelerator, workers: int = 0) -> Path:
+    """Evaluate every batch not cached yet (this process's share), then, on the main process, write the
+    results. Returns the run's folder."""
+    run_dir, main = out / protocol.key(), accelerator.is_main_process
+    batches_dir = run_dir / "batches"
+    if main:
+        batches_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "protocol.json").write_text(json.dumps(asdict(protocol), indent=2))
+    if (run_dir / "results.json").exists():
+        if main:
+            print(f"{run_dir} already holds the results of this protocol; nothing to do")
+        return run_dir
+    torch.manual_seed(protocol.seed)
+    model = load_model(protocol.model, protocol.weights, protocol.num_classes).to(accelerator.device).eval()
+    dataset = build_dataset(protocol.dataset, protocol.data_root, protocol.split,
+                            transforms=eval_transform(protocol.data_config))
+    count = len(dataset) if protocol.limit is None else min(protocol.limit, len(dataset))
+    batches = [list(range(start, min(start + protocol.batch_size, count)))
+               for start in range(0, count, protocol.batch_size)]
+    todo = [k for k in range(accelerator.process_index, len(batches), accelerator.num_processes)
+            if not (batches_dir / f"{k:06d}.safetensors").exists()]
+    loader = DataLoader(dataset, batch_sampler=[batches[k] for k in todo], collate_fn=collate, num_workers=workers)
+    for k, (images, target) in zip(todo, tqdm(loader, desc=f"{protocol.model} batches", disable=not main),
+                                   strict=True):
+        record = evaluate_batch(model, images.to(accelerator.device), target, protocol, set(protocol.metrics),
+                                keep_examples=k == 0)
+        record["image/index"] = torch.tensor(batches[k])
+        partial = batches_dir / f"{k:06d}.partial"  # an interrupted write never looks like a finished batch
+        save_file(record, partial)
+        partial.replace(batches_dir / f"{k:06d}.safetensors")
+    accelerator.wait_for_everyone()
+    if main:
+        records = [load_file(batches_dir / f"{k:06d}.safetensors") for k in range(len(batches))]
+        summary = summarise(records, protocol)
+        examples_figure(records[0], protocol.methods, run_dir / "examples.png")
+        (run_dir / "results.md").write_text(markdown(summary, protocol))
+        (run_dir / "results.json").write_text(json.dumps(dict(protocol=asdict(protocol), key=protocol.key(),
+                                                              versions=_versions(), **summary), indent=2))
+    return run_dir
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {package: version(package) for package in ("interpretable-zoo", "torch", "timm", "torchvision")}
+
+
+def _option(text: str) -> tuple[str, str, object]:
+    method, _, assignment = text.partition(".")
+    key, _, value = assignment.partition("=")
+    if not (method and key and value):
+        raise argparse.ArgumentTypeError(f"expected METHOD.OPTION=VALUE (e.g. opticam.iterations=50), got {text!r}")
+    try:
+        return method, key, json.loads(value)
+    except json.JSONDecodeError:
+        return method, key, value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="zoo-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a registered model name, e.g. resnet50_castream or resnet50")
+    parser.add_argument("--weights", help="a .safetensors file, an org/name Hub id, or 'default' (its own tag); "
+                                          "random initialisation when left out")
+    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--split", help="default: the dataset's evaluation split")
+    parser.add_argument("--methods", nargs="+", help=f"saliency methods ({', '.join(sorted(METHODS))}) and the "
+                                                     f"ground-truth baselines {', '.join(BOX_BASELINES)}")
+    parser.add_argument("--option", action="append", type=_option, default=[], metavar="METHOD.OPTION=VALUE")
+    parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
+    parser.add_argument("--targets", choices=("ground-truth", "predicted"), default="ground-truth")
+    parser.add_argument("--curves", choices=sorted(PROTOCOLS), default=DEFAULT_PROTOCOL,
+                        help="insertion/deletion preset (default: %(default)s)")
+    parser.add_argument("--limit", type=int, help="only the first N images")
+    parser.add_argument("--img-size", type=int, help="default: the model's")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--out", type=Path, default=Path("results/eval"))
+    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")
+    args = parser.parse_args(argv)
+
+    accelerator = Accelerator(cpu=args.cpu)
+    reader = DATASETS[args.dataset]
+    split = args.split or next(s for s in reader.splits if s != "train")
+    probe = build_dataset(args.dataset, args.data_root, split)
+    has_boxes = len(probe) > 0 and len(probe[0][1]["boxes"]) > 0
+    metrics = [m for m in args.metrics if m != "localisation" or has_boxes]
+    methods = args.methods or ["gradcam", "gradcampp", "fakecam"]
+    unknown = [m for m in methods if m not in METHODS and m not in BOX_BASELINES]
+    if unknown:
+        parser.error(f"unknown methods {', '.join(unknown)}; known: {', '.join(sorted(METHODS))}, "
+                     f"{', '.join(BOX_BASELINES)}")
+    if set(methods) & set(BOX_BASELINES) and not has_boxes:
+        parser.error(f"{args.dataset} has no ground-truth boxes for {', '.join(BOX_BASELINES)}")
+    options = {}
+    for method, key, value in args.option:
+        options.setdefault(method, {})[key] = value
+    with torch.device("meta"):
+        config = resolve_data_config({} if args.img_size is None else dict(input_size=(3, args.img_size,
+                                                                                       args.img_size)),
+                                     model=timm.create_model(args.model))
+    protocol = Protocol(
+        model=args.model, weights=args.weights, num_classes=len(probe.classes), dataset=args.dataset,
+        data_root=str(Path(args.data_root).resolve()), split=split, limit=args.limit,
+        methods=methods, method_options=options, metrics=metrics, targets=args.targets, curves=args.curves,
+        batch_size=args.batch_size, data_config={k: config[k] for k in ("input_size", "interpolation", "crop_pct",
+                                                                        "mean", "std")},
+    )
+    if accelerator.is_main_process and "localisation" in args.metrics and not has_boxes:
+        print(f"{args.dataset} has no ground-truth boxes: localisation metrics are not computed")
+    run_dir = run(protocol, args.out, accelerator, args.workers)
+    if accelerator.is_main_process:
+        print((run_dir / "results.md").read_text())
+        print(f"results in {run_dir}: results.json, results.md, examples.png")
+
+
+if __name__ == "__main__":
+    main()

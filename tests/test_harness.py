@@ -1,0 +1,136 @@
+"""The evaluation harness end to end on datasets laid out on disk as the real ones are."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from data_layouts import CubImage, make_cub, make_image_folder, make_voc
+
+from evaluation.harness import compare_main, main
+
+CUB_TEST = tuple(CubImage(1 + i % 3, False, (8 + 4 * i, 8, 40, 30 + 2 * i)) for i in range(5))
+FAST = ["--img-size", "64", "--batch-size", "2", "--cpu"]
+
+
+def scores(results):
+    """Every number of a run but its timings."""
+    return {method: {k: v for k, v in values.items() if k != "seconds_per_image"}
+            for method, values in results["methods"].items()}
+
+
+def run(tmp_path, *args):
+    main([*args, "--out", str(tmp_path / "out"), *FAST])
+    (run_dir,) = (tmp_path / "out").iterdir()
+    return run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+def test_cub_run_writes_every_result_with_its_protocol(tmp_path, capsys):
+    make_cub(tmp_path / "data", images=CUB_TEST)
+    run_dir, results = run(tmp_path, "resnet18_castream", "--dataset", "cub", "--data-root", str(tmp_path / "data"),
+                           "--methods", "gradcam", "attention", "fakecam", "box", "box_complement",
+                           "--metrics", "faithfulness", "curves", "adcc", "localisation")
+    assert results["images"] == results["explanations"] == 5
+    assert results["protocol"]["split"] == "test" and results["protocol"]["num_classes"] == 3
+    assert results["protocol"]["targets"] == "ground-truth" and results["protocol"]["curves"] == "released"
+    assert set(results["recognition"]) == {"top1"}  # three classes: no top-5
+    methods = results["methods"]
+    for name in ("gradcam", "attention", "fakecam"):
+        assert {"AD", "AG", "AI", "I", "D", "ADCC", "OM", "LE", "F1", "BA", "SP", "EP", "SM"} <= set(methods[name])
+    # sanity baselines: Fake-CAM barely changes the probabilities; the box itself localises perfectly
+    assert methods["fakecam"]["AD"] < 1 and methods["fakecam"]["AG"] < 1
+    assert methods["box"]["LE"] < 5 and methods["box"]["SP"] == 100 and methods["box"]["F1"] == 100  # pixel-snapped
+    assert methods["box_complement"]["LE"] > 50 and methods["box_complement"]["SP"] == 0
+    table = (run_dir / "results.md").read_text()
+    assert "| method | AD↓ | AG↑ | AI↑ | I↑ | D↓ | ADCC↑ | s/image |" in table
+    assert "| method | OM↓ | LE↓ | F1↑ | BA↑ | SP↑ | EP↑ | SM↓ | s/image |" in table
+    assert (run_dir / "examples.png").stat().st_size > 0
+    assert json.loads((run_dir / "protocol.json").read_text()) == results["protocol"]
+    assert str(run_dir) in capsys.readouterr().out
+
+
+def test_an_interrupted_run_continues_and_nothing_is_overwritten(tmp_path, capsys):
+    make_cub(tmp_path / "data", images=CUB_TEST)
+    args = ["resnet18", "--dataset", "cub", "--data-root", str(tmp_path / "data"), "--methods", "gradcam",
+            "--metrics", "faithfulness"]
+    run_dir, first = run(tmp_path, *args)
+    batches = sorted((run_dir / "batches").iterdir())
+    assert [b.name for b in batches] == ["000000.safetensors", "000001.safetensors", "000002.safetensors"]
+    # an interruption: the last batch and the results are missing
+    batches[-1].unlink()
+    (run_dir / "results.json").unlink()
+    kept = {b: b.stat().st_mtime_ns for b in batches[:-1]}
+    _, resumed = run(tmp_path, *args)
+    assert {b: b.stat().st_mtime_ns for b in batches[:-1]} == kept  # cached batches were not recomputed
+    assert scores(resumed) == scores(first)
+    capsys.readouterr()
+    main([*args, "--out", str(tmp_path / "out"), *FAST])  # same protocol again: left as it is
+    assert "already holds the results" in capsys.readouterr().out
+    main([*args, "--targets", "predicted", "--out", str(tmp_path / "out"), *FAST])  # another protocol
+    assert len(list((tmp_path / "out").iterdir())) == 2
+
+
+def test_voc_explains_every_positive_class_and_reports_map(tmp_path):
+    make_voc(tmp_path / "data")
+    _, results = run(tmp_path, "resnet18", "--dataset", "voc", "--data-root", str(tmp_path / "data"),
+                     "--split", "trainval", "--methods", "gradcam", "box", "--metrics", "faithfulness",
+                     "localisation")
+    assert results["protocol"]["num_classes"] == 20
+    assert results["explanations"] > results["images"] == 3
+    assert set(results["recognition"]) == {"mAP"}
+    assert "OM" not in results["methods"]["gradcam"]  # OM is for single-label datasets
+    assert results["methods"]["box"]["SP"] == 100
+
+
+def test_a_dataset_without_boxes_skips_localisation(tmp_path, capsys):
+    make_image_folder(tmp_path / "data")
+    _, results = run(tmp_path, "resnet18", "--dataset", "imagenet-folder", "--data-root", str(tmp_path / "data"),
+                     "--methods", "fakecam", "--metrics", "faithfulness", "localisation")
+    assert "LE" not in results["methods"]["fakecam"] and results["protocol"]["metrics"] == ["faithfulness"]
+    assert "has no ground-truth boxes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "gradcamm"], "unknown methods gradcamm"),
+    (["--methods", "box"], "has no ground-truth boxes for box"),
+    (["--option", "opticam-iterations"], "expected METHOD.OPTION=VALUE"),
+])
+def test_bad_requests_are_named(tmp_path, capsys, args, message):
+    make_image_folder(tmp_path / "data")
+    with pytest.raises(SystemExit):
+        main(["resnet18", "--dataset", "imagenet-folder", "--data-root", str(tmp_path / "data"), *args])
+    assert message in capsys.readouterr().err
+
+
+def test_missing_dataset_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CUB_200_2011"):
+        main(["resnet18", "--dataset", "cub", "--data-root", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_two_processes_share_the_batches(tmp_path):
+    make_cub(tmp_path / "data", images=CUB_TEST)
+    args = ["resnet18", "--dataset", "cub", "--data-root", str(tmp_path / "data"), "--methods", "gradcam",
+            "--metrics", "faithfulness", *FAST]
+    _, single = run(tmp_path / "single", *args)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                    "evaluation.harness", *args, "--out", str(tmp_path / "two" / "out")], check=True, env=env)
+    (run_dir,) = (tmp_path / "two" / "out").iterdir()
+    assert scores(json.loads((run_dir / "results.json").read_text())) == scores(single)
+
+
+def test_runs_compare_side_by_side(tmp_path, capsys):
+    make_cub(tmp_path / "data", images=CUB_TEST)
+    common = ["--dataset", "cub", "--data-root", str(tmp_path / "data"), "--methods", "gradcam", "fakecam",
+              "--metrics", "faithfulness"]
+    gap_dir, gap = run(tmp_path / "gap", "resnet18", *common)
+    ca_dir, ca = run(tmp_path / "ca", "resnet18_castream", *common)
+    capsys.readouterr()
+    compare_main([str(gap_dir / "results.json"), str(ca_dir / "results.json")])
+    table = capsys.readouterr().out
+    assert "| method | model | AD↓ | AG↑ | AI↑ |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| gradcam")]
+    assert rows == [f"| gradcam | {r['protocol']['model']} | {r['methods']['gradcam']['AD']:.2f} | "
+                    f"{r['methods']['gradcam']['AG']:.2f} | {r['methods']['gradcam']['AI']:.2f} |" for r in (gap, ca)]

@@ -1,0 +1,64 @@
+"""Dataset readers for the evaluation harness and the training recipes, on the datasets' own on-disk formats.
+
+Every reader is a torch ``Dataset`` with ``classes`` (names) and ``transforms``, and yields ``(image, target)``:
+
+- ``image``: a PIL image (RGB; grayscale ``L`` for Fashion-MNIST), as torchvision's loaders give it;
+- ``target["label"]``: the class index (int), or for VOC a float multi-hot tensor [20] over ``VOC_CLASSES``;
+- ``target["boxes"]``: ``tv_tensors.BoundingBoxes`` [N, 4], format XYXY, ``canvas_size=(H, W)``; empty [0, 4]
+  for datasets without boxes;
+- ``target["box_labels"]``: int64 [N], the class of each box; VOC adds ``target["difficult"]``, bool [N].
+
+``build_dataset(name, root, split)`` opens any of them: "imagenet-folder" (``ImageFolderDataset``), "cub"
+(``CUB200``), "voc" (``VOC2012``), "cifar100" (``CIFAR100``), "fashion-mnist" (``FashionMNIST``, through
+torchvision) and "fashion-mnist-idx" (``FashionMNISTIdx``, offline from ``FASHION_MNIST_DEBIAN_DIR``, where
+``apt-get install dataset-fashion-mnist`` puts the files). VOC's ``label`` counts difficult objects unless
+``difficult="drop"`` (see ``VOC2012``).
+
+``transforms`` is a ``torchvision.transforms.v2`` transform called as ``transforms(image, target)``, so boxes
+follow every resize, crop and flip of the image. ``sanitize_boxes()`` drops the boxes a crop emptied together
+with their ``box_labels`` and ``difficult``; ``collate`` is the DataLoader's ``collate_fn``.
+
+Box coordinates are in pixels of the image as stored, continuous, with the origin at the top-left corner of
+the top-left pixel: pixel (column i, row j), counted from 0, covers [i, i + 1) x [j, j + 1). A box
+``[x1, y1, x2, y2]`` covers [x1, x2) x [y1, y2): x1, y1 is its top-left corner (its first pixel included),
+x2, y2 its bottom-right corner (one past its last pixel), so its width is x2 - x1, as torchvision's transforms
+and ``box_area`` take it. Conversions:
+
+- VOC's ``xmin ymin xmax ymax`` are 1-based pixel indices, both ends included: ``[xmin - 1, ymin - 1, xmax, ymax]``;
+- CUB's ``x y width height`` (floats) are the top-left corner in the convention above and the extent:
+  ``[x, y, x + width, y + height]``.
+
+A box of negative width or height, or reaching outside the image, is a ValueError naming the file and line (or
+XML object) that gave it, raised when its sample is read, the first time the image's size is known.
+"""
+
+from .base import ImageDataset, collate, make_target, sanitize_boxes
+from .classification import (
+    CIFAR100,
+    FASHION_MNIST_DEBIAN_DIR,
+    FashionMNIST,
+    FashionMNISTIdx,
+    ImageFolderDataset,
+    read_idx,
+)
+from .cub import CUB200
+from .factory import DATASETS, build_dataset
+from .voc import VOC2012, VOC_CLASSES
+
+__all__ = [
+    "CIFAR100",
+    "CUB200",
+    "DATASETS",
+    "FASHION_MNIST_DEBIAN_DIR",
+    "VOC2012",
+    "VOC_CLASSES",
+    "FashionMNIST",
+    "FashionMNISTIdx",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "build_dataset",
+    "collate",
+    "make_target",
+    "read_idx",
+    "sanitize_boxes",
+]

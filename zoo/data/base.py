@@ -1,0 +1,124 @@
+"""The sample format shared by every reader, the readers' base class, and the DataLoader helpers."""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import get_size
+
+Target = dict[str, Any]
+Sample = tuple[Image.Image | tv_tensors.Image, Target]
+PER_BOX_KEYS = ("box_labels", "difficult")
+
+
+def make_target(image, label, boxes=(), box_labels=(), difficult: Sequence[bool] | None = None) -> Target:
+    """The target of ``image``: its label, its XYXY pixel boxes on the image's canvas and the class of each box."""
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    target = {
+        "label": label,
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(get_size(image))),
+        "box_labels": torch.as_tensor(box_labels, dtype=torch.int64).reshape(-1),
+    }
+    if difficult is not None:
+        target["difficult"] = torch.as_tensor(difficult, dtype=torch.bool).reshape(-1)
+    return target
+
+
+def check_boxes(boxes: Sequence[Sequence[float]], canvas_size: Sequence[int], sources: Sequence[str]) -> None:
+    """Refuse a box of negative width or height, or one reaching outside the (H, W) canvas; ``sources`` name each."""
+    height, width = canvas_size
+    for (x1, y1, x2, y2), source in zip(boxes, sources, strict=True):
+        if x2 < x1 or y2 < y1:
+            raise ValueError(f"{source}: box [{x1}, {y1}, {x2}, {y2}] has a negative width or height")
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            raise ValueError(f"{source}: box [{x1}, {y1}, {x2}, {y2}] lies outside the {width}x{height} image")
+
+
+def collate(batch: Sequence[Sample]) -> tuple[torch.Tensor, Target]:
+    """DataLoader ``collate_fn``: images [B, C, H, W] and labels stacked, the other entries kept as lists of B.
+
+    The transforms must turn images into tensors of one size (e.g. ``v2.ToImage()`` after a resize or crop).
+    """
+    images, targets = zip(*batch, strict=True)
+    labels = torch.stack([torch.as_tensor(target["label"]) for target in targets])
+    per_image = {key: [target[key] for target in targets] for key in targets[0] if key != "label"}
+    return torch.stack(images), {"label": labels, **per_image}
+
+
+def per_box_entries(inputs: tuple[Any, Target]) -> tuple[torch.Tensor, ...]:
+    """The target's per-box tensors beside the boxes (``box_labels``, ``difficult`` where present)."""
+    return tuple(inputs[1][key] for key in PER_BOX_KEYS if key in inputs[1])
+
+
+def sanitize_boxes(min_size: float = 1.0) -> v2.SanitizeBoundingBoxes:
+    """``v2.SanitizeBoundingBoxes`` for this sample format: drops boxes a crop emptied, with their per-box entries."""
+    return v2.SanitizeBoundingBoxes(min_size=min_size, labels_getter=per_box_entries)
+
+
+class Line(NamedTuple):
+    """One line of a whitespace-separated text table: where it is (``file:line``) and its fields."""
+
+    source: str
+    fields: list[str]
+
+
+def read_table(path: Path, columns: int) -> Iterator[Line]:
+    """The non-blank lines of ``path``, each checked to have ``columns`` fields."""
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        fields = text.split()
+        if not fields:
+            continue
+        if len(fields) != columns:
+            raise ValueError(f"{path}:{number}: expected {columns} columns, found {len(fields)}: {text!r}")
+        yield Line(f"{path}:{number}", fields)
+
+
+def parse(source: str, text: str, kind: Callable[[str], Any]) -> Any:
+    """``kind(text)``, or a ValueError naming ``source`` (a ``file:line`` or an XML element)."""
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: {text!r} is not a valid {kind.__name__}") from None
+
+
+class ImageDataset(Dataset, ABC):
+    """Base of every reader: checks the split and applies ``transforms`` jointly to the image and its target.
+
+    A subclass sets ``splits``, ``layout`` (the expected files, for error messages) and ``classes``, and
+    implements ``__len__`` and ``load`` (the untransformed sample).
+    """
+
+    splits: tuple[str, ...] = ("train", "test")
+    layout: str
+    classes: Sequence[str]
+    downloadable = False
+
+    def __init__(self, split: str, transforms: Callable | None = None):
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r} for {type(self).__name__}: expected one of {self.splits}")
+        self.split = split
+        self.transforms = transforms
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def load(self, index: int) -> Sample:
+        """The sample before ``transforms``."""
+
+    def __getitem__(self, index: int) -> Sample:
+        image, target = self.load(index)
+        return (image, target) if self.transforms is None else self.transforms(image, target)
+
+    def require(self, path: Path, listed_at: str = "") -> Path:
+        """``path`` if it exists, else a FileNotFoundError naming it (and the line that listed it) and the layout."""
+        if not path.exists():
+            where = f" (listed at {listed_at})" if listed_at else ""
+            raise FileNotFoundError(f"{path} not found{where}; {type(self).__name__} expects {self.layout}")
+        return path

@@ -1,0 +1,28 @@
+"""``build_dataset``: every reader by name."""
+
+from .base import ImageDataset
+from .classification import CIFAR100, FashionMNIST, FashionMNISTIdx, ImageFolderDataset
+from .cub import CUB200
+from .voc import VOC2012
+
+DATASETS: dict[str, type[ImageDataset]] = {
+    "imagenet-folder": ImageFolderDataset,
+    "cub": CUB200,
+    "voc": VOC2012,
+    "cifar100": CIFAR100,
+    "fashion-mnist": FashionMNIST,
+    "fashion-mnist-idx": FashionMNISTIdx,
+}
+
+
+def build_dataset(name: str, root, split: str, transforms=None, download: bool = False, **options) -> ImageDataset:
+    """The reader ``name`` of ``DATASETS`` on ``root``; ``options`` go to it (e.g. VOC's ``difficult="drop"``)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: known names are {', '.join(DATASETS)}")
+    reader = DATASETS[name]
+    if download:
+        if not reader.downloadable:
+            downloadable = [known for known, other in DATASETS.items() if other.downloadable]
+            raise ValueError(f"{name!r} cannot be downloaded (only {', '.join(downloadable)} can)")
+        options["download"] = True
+    return reader(root, split, transforms, **options)

@@ -313,9 +313,9 @@ def examples_figure(record: dict, methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def run(protocol: Protocol, out: Path, accelerator: Accelerator, workers: int = 0) -> Path:
-    """Evaluate every batch not cached yet (this process's share), then, on the main process, write the
-    results. Returns the run's folder."""
+def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, workers: int = 0) -> Path:
+    """Evaluate every batch of ``dataset`` not cached yet (this process's share), then, on the main process,
+    write the results. Returns the run's folder."""
     run_dir, main = out / protocol.key(), accelerator.is_main_process
     batches_dir = run_dir / "batches"
     if main:
@@ -327,8 +327,7 @@ def run(protocol: Protocol, out: Path, accelerator: Accelerator, workers: int = 
         return run_dir
     torch.manual_seed(protocol.seed)
     model = load_model(protocol.model, protocol.weights, protocol.num_classes).to(accelerator.device).eval()
-    dataset = build_dataset(protocol.dataset, protocol.data_root, protocol.split,
-                            transforms=eval_transform(protocol.data_config))
+    dataset.transforms = eval_transform(protocol.data_config)
     count = len(dataset) if protocol.limit is None else min(protocol.limit, len(dataset))
     batches = [list(range(start, min(start + protocol.batch_size, count)))
                for start in range(0, count, protocol.batch_size)]
@@ -398,8 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(cpu=args.cpu)
     reader = DATASETS[args.dataset]
     split = args.split or next(s for s in reader.splits if s != "train")
-    probe = build_dataset(args.dataset, args.data_root, split)
-    has_boxes = len(probe) > 0 and len(probe[0][1]["boxes"]) > 0
+    dataset = build_dataset(args.dataset, args.data_root, split)
+    has_boxes = len(dataset) > 0 and len(dataset.load(0)[1]["boxes"]) > 0
     metrics = [m for m in args.metrics if m != "localisation" or has_boxes]
     methods = args.methods or ["gradcam", "gradcampp", "fakecam"]
     unknown = [m for m in methods if m not in METHODS and m not in BOX_BASELINES]
@@ -416,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                                        args.img_size)),
                                      model=timm.create_model(args.model))
     protocol = Protocol(
-        model=args.model, weights=args.weights, num_classes=len(probe.classes), dataset=args.dataset,
+        model=args.model, weights=args.weights, num_classes=len(dataset.classes), dataset=args.dataset,
         data_root=str(Path(args.data_root).resolve()), split=split, limit=args.limit,
         methods=methods, method_options=options, metrics=metrics, targets=args.targets, curves=args.curves,
         batch_size=args.batch_size, data_config={k: config[k] for k in ("input_size", "interpolation", "crop_pct",
@@ -424,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if accelerator.is_main_process and "localisation" in args.metrics and not has_boxes:
         print(f"{args.dataset} has no ground-truth boxes: localisation metrics are not computed")
-    run_dir = run(protocol, args.out, accelerator, args.workers)
+    run_dir = run(protocol, dataset, args.out, accelerator, args.workers)
     if accelerator.is_main_process:
         print((run_dir / "results.md").read_text())
         print(f"results in {run_dir}: results.json, results.md, examples.png")

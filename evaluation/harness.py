@@ -54,6 +54,7 @@ from .metrics import (  # noqa: E402
     pointing_game,
     relative_drop,
     saliency_metric,
+    target_probabilities,
     top_k_accuracy,
 )
 from .saliency import METHODS, explain, mask_images, pixel_statistics  # noqa: E402
@@ -146,11 +147,6 @@ def box_maps(boxes: list[torch.Tensor], box_labels: list[torch.Tensor], rows: to
     return maps, picked
 
 
-def _probability(model, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return logits_of(model(images)).softmax(1)[torch.arange(len(classes)), classes]
-
-
 def evaluate_batch(model, images: torch.Tensor, target: dict, protocol: Protocol, metrics: set[str],
                    keep_examples: bool) -> dict[str, torch.Tensor]:
     """Per-image results of one batch for every method: ``image/...`` per image, ``row/...`` per
@@ -162,7 +158,7 @@ def evaluate_batch(model, images: torch.Tensor, target: dict, protocol: Protocol
     rows, classes = explained_classes(labels, logits, protocol.targets)
     explained = images[rows]
     record = {"image/logits": logits, "image/labels": labels, "row/rows": rows, "row/classes": classes,
-              "row/p": logits.softmax(1)[rows, classes]}
+              "row/p": target_probabilities(logits[rows], classes)}
     boxes = None
     if "localisation" in metrics or set(protocol.methods) & set(BOX_BASELINES):
         truth, boxes = box_maps(target["boxes"], target["box_labels"], rows.cpu(), classes.cpu(), images.shape[-2:])
@@ -177,7 +173,8 @@ def evaluate_batch(model, images: torch.Tensor, target: dict, protocol: Protocol
             maps = explain(model, explained, method, classes, **protocol.method_options.get(method, {}))
         record[f"time/{method}"] = torch.tensor(time.perf_counter() - start)
         masked = mask_images(explained, maps, mean, std)
-        record[f"row/{method}/o"] = _probability(model, masked, classes)
+        with torch.no_grad():
+            record[f"row/{method}/o"] = target_probabilities(logits_of(model(masked)), classes)
         if "curves" in metrics:
             scores = insertion_deletion(model, explained, maps, classes, protocol.curves)
             record[f"row/{method}/insertion"], record[f"row/{method}/deletion"] = scores

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluation.saliency.core import logits_of
+from evaluation.saliency.core import check_targets, evaluating, logits_of
 
 # blur and gaussian_kernel are public too, but stay out of the package namespace
 __all__ = ["DEFAULT_PROTOCOL", "PROTOCOLS", "InsertionDeletionScores", "PerturbationCurves", "PerturbationProtocol",
-           "area_under_curve", "insertion_deletion", "perturbation_curves"]
+           "area_under_curve", "insertion_deletion", "perturbation_curves", "target_probabilities"]
 
 
 @dataclass(frozen=True)
@@ -162,16 +162,10 @@ def _check_inputs(images, maps, targets, batch_size) -> torch.Tensor | None:
         raise ValueError(f"maps hold NaN or Inf at {int((~torch.isfinite(maps)).sum())} of {maps.numel()} pixels")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if targets is None:
-        return None
-    targets = torch.as_tensor(targets, device=images.device)
-    if targets.ndim != 1 or len(targets) != len(images) or targets.is_floating_point() or targets.is_complex():
-        raise ValueError(f"targets must be {len(images)} integer class indices, one per image, got "
-                         f"{targets.dtype} of shape {tuple(targets.shape)}")
-    return targets.long()
+    return check_targets(targets, len(images), images.device)
 
 
-def _probabilities(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def target_probabilities(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Softmax probability of each row's target class, computed in at least float32."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return logits.to(dtype).softmax(1).gather(1, targets[:, None]).squeeze(1)
@@ -194,45 +188,39 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
     targets = _check_inputs(images, maps, targets, batch_size)
     count, height, width = len(images), *images.shape[-2:]
     pixels = height * width
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            images = images.detach()
-            logits = torch.cat([logits_of(model(images[i:i + batch_size])) for i in range(0, count, batch_size)])
-            num_classes = logits.shape[1]
-            if targets is None:
-                targets = logits.argmax(1)
-            elif targets.min() < 0 or targets.max() >= num_classes:
-                raise ValueError(f"targets must be class indices in [0, {num_classes}), got values in "
-                                 f"[{targets.min().item()}, {targets.max().item()}]")
-            original = _probabilities(logits, targets)
+    with evaluating(model), torch.no_grad():
+        images = images.detach()
+        logits = torch.cat([logits_of(model(images[i:i + batch_size])) for i in range(0, count, batch_size)])
+        num_classes = logits.shape[1]
+        if targets is None:
+            targets = logits.argmax(1)
+        elif targets.min() < 0 or targets.max() >= num_classes:
+            raise ValueError(f"targets must be class indices in [0, {num_classes}), got values in "
+                             f"[{targets.min().item()}, {targets.max().item()}]")
+        original = target_probabilities(logits, targets)
 
-            # rank[b, p]: the position of pixel p in image b's order (descending saliency, ties in raster order)
-            order = maps.detach().to(images.device).flatten(1).argsort(dim=1, descending=True, stable=True)
-            positions = torch.arange(pixels, device=order.device).expand_as(order)
-            rank = torch.empty_like(order).scatter_(1, order, positions)
-            blurred = blur(images, protocol.blur_size, protocol.blur_sigma)
-            counts = torch.tensor(protocol.counts(height, width), device=images.device)
-            steps = protocol.steps
+        # rank[b, p]: the position of pixel p in image b's order (descending saliency, ties in raster order)
+        order = maps.detach().to(images.device).flatten(1).argsort(dim=1, descending=True, stable=True)
+        positions = torch.arange(pixels, device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, positions)
+        blurred = blur(images, protocol.blur_size, protocol.blur_sigma)
+        counts = torch.tensor(protocol.counts(height, width), device=images.device)
+        steps = protocol.steps
 
-            # every point but the shared original: insertion steps 0..steps-1, deletion steps 1..steps
-            image_of = torch.arange(count, device=images.device).repeat_interleave(2 * steps)
-            step_of = torch.cat([torch.arange(steps), torch.arange(1, steps + 1)]).to(images.device).repeat(count)
-            deleting = torch.arange(2 * steps, device=images.device).repeat(count) >= steps
-            probabilities = original.new_empty(len(image_of))
-            for start in range(0, len(image_of), batch_size):
-                rows = slice(start, start + batch_size)
-                b, deletes = image_of[rows], deleting[rows]
-                perturbed = (rank[b] < counts[step_of[rows]][:, None]).view(-1, 1, height, width)
-                # insertion shows the image where perturbed (else the blur); deletion where not (else the value)
-                keep_image = perturbed != deletes.view(-1, 1, 1, 1)
-                elsewhere = torch.where(deletes.view(-1, 1, 1, 1), protocol.deletion_value, blurred[b])
-                logits = logits_of(model(torch.where(keep_image, images[b], elsewhere)))
-                probabilities[rows] = _probabilities(logits, targets[b])
-    finally:
-        for module, training in modes:
-            module.training = training
+        # every point but the shared original: insertion steps 0..steps-1, deletion steps 1..steps
+        image_of = torch.arange(count, device=images.device).repeat_interleave(2 * steps)
+        step_of = torch.cat([torch.arange(steps), torch.arange(1, steps + 1)]).to(images.device).repeat(count)
+        deleting = torch.arange(2 * steps, device=images.device).repeat(count) >= steps
+        probabilities = original.new_empty(len(image_of))
+        for start in range(0, len(image_of), batch_size):
+            rows = slice(start, start + batch_size)
+            b, deletes = image_of[rows], deleting[rows]
+            perturbed = (rank[b] < counts[step_of[rows]][:, None]).view(-1, 1, height, width)
+            # insertion shows the image where perturbed (else the blur); deletion where not (else the value)
+            keep_image = perturbed != deletes.view(-1, 1, 1, 1)
+            elsewhere = torch.where(deletes.view(-1, 1, 1, 1), protocol.deletion_value, blurred[b])
+            logits = logits_of(model(torch.where(keep_image, images[b], elsewhere)))
+            probabilities[rows] = target_probabilities(logits, targets[b])
     probabilities = probabilities.view(count, 2, steps)
     insertion = torch.cat([probabilities[:, 0], original[:, None]], 1)
     deletion = torch.cat([original[:, None], probabilities[:, 1]], 1)

@@ -74,20 +74,29 @@ def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module
 
 
 @contextmanager
-def _explaining(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no parameter gradients and built-in saliency on for the call; all restored after."""
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block; every module's own train/eval mode restored after."""
     modes = [(module, module.training) for module in model.modules()]
-    flags = [(param, param.requires_grad) for param in model.parameters()]
-    returns_saliency = getattr(model, "return_saliency", None)
-    model.eval().requires_grad_(False)
-    if returns_saliency is not None:
-        model.return_saliency = True
+    model.eval()
     try:
-        with torch.enable_grad():
-            yield
+        yield
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextmanager
+def _explaining(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no parameter gradients and built-in saliency on for the call; all restored after."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    returns_saliency = getattr(model, "return_saliency", None)
+    model.requires_grad_(False)
+    if returns_saliency is not None:
+        model.return_saliency = True
+    try:
+        with evaluating(model), torch.enable_grad():
+            yield
+    finally:
         for param, requires_grad in flags:
             param.requires_grad_(requires_grad)
         if returns_saliency is not None:
@@ -222,14 +231,15 @@ def _check_images(images: torch.Tensor, model: nn.Module, model_name: str) -> No
         raise ValueError(f"images for {model_name} must be a float tensor [B, {channels}, H, W], got {got}")
 
 
-def _check_targets(targets, batch: int, device: torch.device) -> torch.Tensor | None:
+def check_targets(targets, batch: int, device: torch.device) -> torch.Tensor | None:
+    """``targets`` as [batch] int64 class indices on ``device`` (None stays None), or a ValueError."""
     if targets is None:
         return None
     targets = torch.as_tensor(targets, device=device)
     if targets.ndim == 0:
         raise ValueError(f"targets must hold one class per image ({batch}), got a single value; "
                          "use torch.full((B,), c) to explain class c everywhere")
-    if targets.ndim != 1 or len(targets) != batch or targets.is_floating_point():
+    if targets.ndim != 1 or len(targets) != batch or targets.is_floating_point() or targets.is_complex():
         raise ValueError(f"targets must be {batch} integer class indices, one per image, got "
                          f"{targets.dtype} of shape {tuple(targets.shape)}")
     return targets.long()
@@ -254,7 +264,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str, targets=None, l
                          f"(its options: {', '.join(accepted) or 'none'})")
     model_name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     _check_images(images, model, model_name)
-    targets = _check_targets(targets, len(images), images.device)
+    targets = check_targets(targets, len(images), images.device)
     with _explaining(model):
         raw = fn(Explainer(model, images.detach(), targets, layer, model_name), **options)
     return normalise_per_image(raw, images.shape[-2:])

@@ -69,7 +69,7 @@ def compare(name, img_size, batch, rounds, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=zoo.list_models())
+    parser.add_argument("--models", nargs="+", default=zoo.list_models("*_castream"))
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=15)

@@ -28,11 +28,12 @@ from accelerate import Accelerator  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from timm.data import resolve_data_config  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import zoo  # noqa: E402, F401  (registers the zoo's models)
 from zoo.data import DATASETS, build_dataset, collate  # noqa: E402
+from zoo.data.transforms import eval_transform  # noqa: E402
+from zoo.hub import load_model  # noqa: E402
 
 from .metrics import (  # noqa: E402
     DEFAULT_PROTOCOL,
@@ -89,35 +90,6 @@ class Protocol:
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def eval_transform(config: dict) -> v2.Compose:
-    """timm's evaluation preprocessing (resize to size / crop_pct, centre crop, normalise) in torchvision's
-    v2 transforms, so the ground-truth boxes follow the image. Grey images become RGB."""
-    size = config["input_size"][-2:]
-    interpolation = v2.InterpolationMode(config.get("interpolation", "bilinear"))
-    return v2.Compose([
-        v2.ToImage(), v2.RGB(), v2.Resize(int(size[0] / config["crop_pct"]), interpolation=interpolation),
-        v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(config["mean"], config["std"]),
-    ])
-
-
-def load_model(name: str, weights: str | None, num_classes: int) -> torch.nn.Module:
-    """A registered model for ``num_classes``: random-initialised, or weights from a local safetensors
-    file, an ``org/name`` Hub repository, or ``default`` (the architecture's own pretrained tag)."""
-    if weights is None:
-        return timm.create_model(name, num_classes=num_classes)
-    overlay = dict(num_classes=num_classes)
-    if weights != "default":
-        if Path(weights).suffix == ".safetensors":
-            if not Path(weights).is_file():
-                raise FileNotFoundError(f"weights file {weights} not found")
-            overlay["file"] = weights
-        elif "/" in weights and not Path(weights).exists():
-            overlay["hf_hub_id"] = weights
-        else:
-            raise ValueError(f"--weights must be a .safetensors file, an org/name Hub id or 'default', got {weights!r}")
-    return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay)
 
 
 def explained_classes(labels: torch.Tensor, logits: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,8 @@ def test_registered_with_timm():
     for name in ("resnet18_castream", "resnet50_castream", "convnext_small_castream", "convnext_base_castream"):
         assert name in timm.list_models("*castream")
         assert f"{name}.in1k" in zoo.list_models(pretrained=True)
-    assert set(zoo.list_models()) == set(timm.list_models("*_castream"))
+    assert set(zoo.list_models("*_castream")) == set(timm.list_models("*_castream"))
+    assert set(zoo.list_models()) == set(timm.list_models("*_castream")) | {"resnet18_cifar", "mobilenetv2_cifar"}
 
 
 @pytest.mark.parametrize("name", THESIS_MODELS)

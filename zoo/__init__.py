@@ -5,12 +5,21 @@
 
 import timm
 
-from .models import CAStream, CrossAttentionBlock, CrossAttentionStream, StreamOutput
+from .models import (
+    CamClassifier,
+    CAStream,
+    CrossAttentionBlock,
+    CrossAttentionStream,
+    MobileNetV2Cifar,
+    ResNetCifar,
+    StreamOutput,
+)
 from .output import ModelOutput
 
-__all__ = ["CAStream", "CrossAttentionBlock", "CrossAttentionStream", "ModelOutput", "StreamOutput", "list_models"]
+__all__ = ["CAStream", "CamClassifier", "CrossAttentionBlock", "CrossAttentionStream", "MobileNetV2Cifar",
+           "ModelOutput", "ResNetCifar", "StreamOutput", "list_models"]
 
-_MODULES = ("castream",)
+_MODULES = ("castream", "cifar")
 
 
 def list_models(pattern: str = "", pretrained: bool = False) -> list[str]:

@@ -2,32 +2,65 @@
 
 Guided backpropagation (Springenberg et al. 2014) lets a ReLU pass the gradient back only where its
 forward input was positive *and* the incoming gradient is positive (for ReLU6 also only below 6).
-Inside ``with guided_relu():`` every ReLU and ReLU6 of the forward pass gets that backward: modules
-(``nn.ReLU``, ``nn.ReLU6``), functional calls (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.relu6``,
-``F.hardtanh(x, 0, 6)``) and their in-place forms alike, because the calls are intercepted at the torch
-function level rather than hooked on modules. Leaving the block restores the usual behaviour.
+Every ReLU and ReLU6 of a forward pass run inside ``with switchable_relu() as switch:`` is recorded as
+one autograd node that holds ``switch``: by default it backpropagates exactly as torch's own ReLU/ReLU6
+(differentiably, so ``create_graph=True`` and double backward work); inside
+``with switch.guided_backward():`` it backpropagates guided. So one forward serves both gradients, which
+is what gradient denoising (thesis ch. 4) needs. ``with guided_relu():`` is the same with the switch set
+to guided for good. Modules (``nn.ReLU``, ``nn.ReLU6``), functional calls (``F.relu``, ``torch.relu``,
+``x.relu()``, ``F.relu6``, ``F.hardtanh(x, 0, 6)``) and their in-place forms are all caught, because the
+calls are intercepted at the torch function level: no hook is registered and no module is changed.
 """
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["guided_relu"]
+__all__ = ["ReLUSwitch", "guided_relu", "switchable_relu"]
 
 
-class _GuidedReLU(torch.autograd.Function):
+class ReLUSwitch:
+    """Which backward the ReLUs recorded under ``switchable_relu`` run: standard, or guided while ``guided``.
+
+    The recorded autograd nodes read it when they run, which may be in another thread (the autograd
+    engine's, on CUDA); hence an object shared by reference rather than a thread-local flag.
+    """
+
+    def __init__(self, guided: bool = False):
+        self.guided = guided
+
+    @contextmanager
+    def guided_backward(self) -> Iterator[None]:
+        """Backward passes run inside the block are guided; the switch is restored on leaving, even on error."""
+        previous, self.guided = self.guided, True
+        try:
+            yield
+        finally:
+            self.guided = previous
+
+
+class _SwitchableReLU(torch.autograd.Function):
+    """ReLU (``upper`` None) or ReLU6 (``upper`` 6) whose backward follows ``switch``."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, upper: float | None) -> torch.Tensor:
-        passing = x > 0 if upper is None else (x > 0) & (x < upper)
-        ctx.save_for_backward(passing)
-        return x.clamp(0, upper)
+    def forward(ctx, x: torch.Tensor, upper: float | None, switch: ReLUSwitch) -> torch.Tensor:
+        out = x.clamp(0, upper)
+        ctx.save_for_backward(out)  # 0 < out < upper exactly where 0 < x < upper
+        ctx.upper, ctx.switch = upper, switch
+        return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (passing,) = ctx.saved_tensors
-        return grad.clamp(min=0) * passing, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (out,) = ctx.saved_tensors
+        if ctx.switch.guided:
+            grad = grad.clamp(min=0)
+        # the very ops of torch's own ReLU / ReLU6 derivatives, themselves differentiable
+        if ctx.upper is None:
+            return torch.ops.aten.threshold_backward(grad, out, 0), None, None
+        return torch.ops.aten.hardtanh_backward(grad, out, 0, ctx.upper), None, None
 
 
 # function -> (upper bound or None, whether it works in place)
@@ -54,19 +87,34 @@ def _call(func, args, kwargs):
     return args[0], upper, inplace
 
 
-class _GuidedMode(TorchFunctionMode):
+class _SwitchableMode(TorchFunctionMode):
+    def __init__(self, switch: ReLUSwitch):
+        super().__init__()
+        self.switch = switch
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         call = _call(func, args, kwargs)
         if call is None:
             return func(*args, **kwargs)
         x, upper, inplace = call
-        out = _GuidedReLU.apply(x, upper)
+        out = _SwitchableReLU.apply(x, upper, self.switch)
         return x.copy_(out) if inplace else out
 
 
 @contextmanager
-def guided_relu():
+def switchable_relu(guided: bool = False) -> Iterator[ReLUSwitch]:
+    """Every ReLU/ReLU6 run inside the block backpropagates as the yielded switch says when backward runs.
+
+    Only the forward needs to run inside the block; the backward passes may run after it.
+    """
+    switch = ReLUSwitch(guided)
+    with _SwitchableMode(switch):
+        yield switch
+
+
+@contextmanager
+def guided_relu() -> Iterator[None]:
     """Every ReLU/ReLU6 run inside the block backpropagates with guided semantics."""
-    with _GuidedMode():
+    with switchable_relu(guided=True):
         yield

@@ -10,9 +10,11 @@ import os
 import shutil
 from pathlib import Path
 
+import timm
+import torch
 from huggingface_hub import constants
 
-__all__ = ["HUB_ORG", "hub_id", "add_to_hf_cache"]
+__all__ = ["HUB_ORG", "add_to_hf_cache", "hub_id", "load_model"]
 
 HUB_ORG = os.environ.get("ZOO_HUB_ORG", "interpretable-zoo")
 
@@ -62,3 +64,42 @@ def add_to_hf_cache(folder: str | os.PathLike, repo_id: str, cache_dir: str | os
     refs.parent.mkdir(parents=True, exist_ok=True)
     refs.write_text(commit)
     return snapshot
+
+
+def load_model(name: str, weights: str | None, num_classes: int, new_classifier: bool = False,
+               **kwargs) -> torch.nn.Module:
+    """A registered model for ``num_classes``, random-initialised (``weights=None``) or loaded from weights.
+
+    ``weights``: a ``.safetensors`` file, a folder holding ``model.safetensors`` (a saved Hub folder or a
+    training run's ``model/``), an ``org/name`` Hub repository, or ``default`` (the architecture's own tag).
+    The checkpoint's classifier is kept, so it must have ``num_classes`` outputs, unless ``new_classifier``
+    (fine-tuning on another label set: timm leaves the classifier at its initialisation). ``kwargs`` go to
+    ``timm.create_model``.
+    """
+    if weights is None:
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
+    overlay = {} if new_classifier else dict(num_classes=num_classes)
+    if weights != "default":
+        path = Path(weights)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if path.suffix == ".safetensors":
+            if not path.is_file():
+                raise FileNotFoundError(f"weights file {path} not found")
+            overlay["file"] = str(path)
+        elif "/" in weights and not path.exists():
+            overlay["hf_hub_id"] = weights
+        else:
+            raise ValueError("weights must be a .safetensors file, a folder with model.safetensors, an org/name "
+                             f"Hub id or 'default', got {weights!r}")
+    if new_classifier:  # any class count other than the checkpoint's makes timm drop its classifier
+        overlay["num_classes"] = -1
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
+                                 **kwargs)
+    except RuntimeError as error:
+        if "Error(s) in loading state_dict" not in str(error):
+            raise
+        raise ValueError(f"weights {weights} do not fit {name} with {num_classes} classes: saved from another "
+                         "architecture, or for another class count (new_classifier=True fine-tunes on new classes)"
+                         f"\n{str(error)[:2000]}") from None

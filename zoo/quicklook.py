@@ -101,16 +101,16 @@ def saliency_figure(names: list[str], img_size: int, pretrained: bool, path: Pat
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=None, help="registered names (default: all zoo models)")
+    parser.add_argument("--models", nargs="+", default=None, help="registered CA-Stream names (default: all)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--out", type=Path, default=Path("results/quicklook"))
     parser.add_argument("--pretrained", action="store_true", help="load Hub weights instead of random init")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     args = parser.parse_args(argv)
-    names = args.models or zoo.list_models()
-    unknown = sorted(set(names) - set(zoo.list_models()))
+    names = args.models or zoo.list_models("*_castream")
+    unknown = sorted(set(names) - set(zoo.list_models("*_castream")))
     if unknown:
-        parser.error(f"not zoo models: {', '.join(unknown)} (known: {', '.join(zoo.list_models())})")
+        parser.error(f"not CA-Stream models: {', '.join(unknown)} (known: {', '.join(zoo.list_models('*_castream'))})")
     outputs = [args.out / name for name in ("models.md", "models.json", "saliency.png")]
     if any(path.exists() for path in outputs):
         print(f"replacing the previous quick look in {args.out} (it is reproducible: fixed seed)")

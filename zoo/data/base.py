@@ -17,6 +17,16 @@ Sample = tuple[Image.Image | tv_tensors.Image, Target]
 PER_BOX_KEYS = ("box_labels", "difficult")
 
 
+def open_image(path: Path) -> Image.Image:
+    """The RGB image at ``path``; a file that fails to decode is an OSError naming it (the run stops there
+    rather than train on a silently shrunken dataset)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        raise OSError(f"could not decode the image {path}: {error}") from error
+
+
 def make_target(image, label, boxes=(), box_labels=(), difficult: Sequence[bool] | None = None) -> Target:
     """The target of ``image``: its label, its XYXY pixel boxes on the image's canvas and the class of each box."""
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)

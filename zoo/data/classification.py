@@ -9,7 +9,7 @@ import numpy as np
 import torchvision.datasets as tvd
 from PIL import Image
 
-from .base import ImageDataset, Sample, make_target
+from .base import ImageDataset, Sample, make_target, open_image
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -40,7 +40,7 @@ class ImageFolderDataset(SourceDataset):
     def __init__(self, root, split: str, transforms=None):
         super().__init__(split, transforms)
         self.require(Path(root))
-        self.source = tvd.ImageFolder(self.require(Path(root) / split))
+        self.source = tvd.ImageFolder(self.require(Path(root) / split), loader=open_image)
 
 
 class TorchvisionDataset(SourceDataset):

@@ -3,10 +3,9 @@
 from pathlib import Path
 from typing import NamedTuple
 
-from torchvision.datasets.folder import default_loader
 from torchvision.transforms.v2.functional import get_size
 
-from .base import ImageDataset, Line, Sample, check_boxes, make_target, parse, read_table
+from .base import ImageDataset, Line, Sample, check_boxes, make_target, open_image, parse, read_table
 
 
 class CubImage(NamedTuple):
@@ -83,6 +82,6 @@ class CUB200(ImageDataset):
 
     def load(self, index: int) -> Sample:
         record = self.images[index]
-        image = default_loader(self.require(record.path, record.listed_at))
+        image = open_image(self.require(record.path, record.listed_at))
         check_boxes([record.box], get_size(image), [record.box_source])
         return image, make_target(image, record.label, [record.box], [record.label])

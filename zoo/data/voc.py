@@ -5,10 +5,9 @@ from typing import NamedTuple
 from xml.etree import ElementTree
 
 import torch
-from torchvision.datasets.folder import default_loader
 from torchvision.transforms.v2.functional import get_size
 
-from .base import ImageDataset, Sample, check_boxes, make_target, parse, read_table
+from .base import ImageDataset, Sample, check_boxes, make_target, open_image, parse, read_table
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -87,7 +86,7 @@ class VOC2012(ImageDataset):
         listed_at, (image_id,) = self.ids[index]
         objects = read_annotation(self.require(self.folder / "Annotations" / f"{image_id}.xml", listed_at))
         objects = [obj for obj in objects if self.keep_difficult or not obj.difficult]
-        image = default_loader(self.require(self.folder / "JPEGImages" / f"{image_id}.jpg", listed_at))
+        image = open_image(self.require(self.folder / "JPEGImages" / f"{image_id}.jpg", listed_at))
         check_boxes([obj.box for obj in objects], get_size(image), [obj.source for obj in objects])
         box_labels = torch.tensor([obj.label for obj in objects], dtype=torch.int64)
         label = torch.zeros(len(VOC_CLASSES)).index_fill_(0, box_labels, 1.0)

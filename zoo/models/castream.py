@@ -17,21 +17,19 @@ from typing import NamedTuple
 
 import timm
 import torch
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from timm.models import (
     ConvNeXt,
     ResNet,
-    build_model_with_cfg,
     generate_default_cfgs,
     get_pretrained_cfg,
     register_model,
-    resolve_pretrained_cfg,
 )
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..hub import hub_id
 from ..output import ModelOutput, check_image_batch
+from ._builder import build_zoo_model
 
 __all__ = ["CAStream", "CrossAttentionBlock", "CrossAttentionStream", "StreamOutput", "checkpoint_filter_fn"]
 
@@ -352,16 +350,7 @@ def _create_castream(variant: str, pretrained: bool = False, **kwargs) -> CAStre
     if kwargs.pop("features_only", False):
         raise ValueError(f"{variant} has no features_only form: its stage features are those of its backbone, "
                          "create the backbone with features_only=True instead")
-    try:
-        return build_model_with_cfg(CAStream, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                    **kwargs)
-    except (EntryNotFoundError, RepositoryNotFoundError) as error:
-        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-        raise RuntimeError(
-            f"no weights found for {variant} at hf-hub:{cfg.hf_hub_id} (not in the local cache, not downloadable: "
-            f"{error})\nThe README's 'Weights' section lists the zoo checkpoints that exist; "
-            "pretrained_cfg_overlay=dict(file=...) or dict(hf_hub_id=...) loads others."
-        ) from error
+    return build_zoo_model(CAStream, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(name: str, backbone_weights: str, **kwargs) -> dict:

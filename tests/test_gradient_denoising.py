@@ -1,0 +1,312 @@
+"""Gradient denoising (thesis ch. 4): the two input gradients, the error functions, the objective."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from captum.attr import GuidedBackprop
+from torch import nn
+from torch.func import functional_call
+from torch.overrides import _get_current_function_mode_stack
+
+from training.gradient_denoising import (
+    ERRORS,
+    GradientDenoising,
+    cosine_error,
+    histogram_intersection_error,
+    input_gradients,
+    mean_absolute_error,
+    mean_squared_error,
+)
+from training.objectives import classification_loss
+from zoo.guided import switchable_relu
+
+NUM_CLASSES = 5
+
+
+class TinyNet(nn.Module):
+    """Two conv layers and a linear head; the activation called as a module, functionally or in place."""
+
+    def __init__(self, activation: str = "module", batchnorm: bool = True):
+        super().__init__()
+        self.activation = activation
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(6) if batchnorm else nn.Identity()
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x):
+        x = self.norm(self.conv1(x))
+        if self.activation == "module":
+            y = self.act2(self.conv2(self.act1(x)))
+        elif self.activation == "functional":
+            y = torch.relu(self.conv2(F.relu(x)))
+        else:  # in place
+            y = self.conv2(x.relu_())
+            y.relu_()
+        return self.fc(y.mean((2, 3)))
+
+
+class PerSampleLoss(nn.Module):
+    """The model's per-sample loss as its only output column, so captum attributes the same quantity."""
+
+    def __init__(self, model, labels, sign=1.0):
+        super().__init__()
+        self.model, self.labels, self.sign = model, labels, sign
+
+    def forward(self, x):
+        logits = self.model(x)
+        if self.labels.ndim == 2:
+            loss = F.binary_cross_entropy_with_logits(logits, self.labels, reduction="none").mean(1)
+        else:
+            loss = F.cross_entropy(logits, self.labels, reduction="none")
+        return self.sign * loss[:, None]
+
+
+def batch(size=8, count=4, multi_hot=False, classes=NUM_CLASSES):
+    images = torch.randn(count, 3, size, size)
+    labels = (torch.rand(count, classes) < 0.4).float() if multi_hot else torch.randint(classes, (count,))
+    return images, labels
+
+
+def captum_guided(model, images, labels, sign=1.0):
+    return GuidedBackprop(PerSampleLoss(model, labels, sign)).attribute(images.clone().requires_grad_(), target=0)
+
+
+@pytest.mark.parametrize("multi_hot", [False, True], ids=["cross-entropy", "multi-hot"])
+@pytest.mark.parametrize("name", ["tiny", "timm_resnet18"])
+def test_guided_gradient_agrees_with_captum(name, multi_hot):
+    model = TinyNet() if name == "tiny" else timm.create_model("resnet18", num_classes=NUM_CLASSES)  # in-place ReLUs
+    model.eval()
+    images, labels = batch(16 if name == "timm_resnet18" else 8, multi_hot=multi_hot)
+    ours = input_gradients(model, images, labels).guided
+    torch.testing.assert_close(ours, captum_guided(model, images, labels))
+    # guided backprop is not sign-symmetric: that of -loss, negated, is a different map
+    assert (ours + captum_guided(model, images, labels, sign=-1.0)).abs().max() > 0.1 * ours.abs().max()
+
+
+@pytest.mark.parametrize("activation", ["functional", "inplace"])
+def test_guided_gradient_of_functional_relus_matches_captum_on_modules(activation):
+    modules, functional = TinyNet("module").eval(), TinyNet(activation).eval()
+    functional.load_state_dict(modules.state_dict())
+    images, labels = batch()
+    torch.testing.assert_close(input_gradients(functional, images, labels).guided,
+                               captum_guided(modules, images, labels))
+
+
+class ReLU6Net(nn.Module):
+    """x -> relu6(W1 x + b1) -> relu6(W2 h1 + b2) -> W3 h2 + b3, the ReLU6 called three different ways."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.fc1, self.fc2, self.fc3 = nn.Linear(12, 16), nn.Linear(16, 10), nn.Linear(10, NUM_CLASSES)
+
+    def relu6(self, x):
+        if self.how == "module":
+            return nn.ReLU6()(x)
+        if self.how == "inplace":
+            return F.relu6(x, inplace=True)
+        return F.hardtanh(x, 0.0, 6.0)
+
+    def forward(self, x):
+        return self.fc3(self.relu6(self.fc2(self.relu6(self.fc1(x.flatten(1))))))
+
+
+@pytest.mark.parametrize("how", ["module", "inplace", "hardtanh"])
+def test_guided_gradient_through_relu6_by_hand(how):
+    model = ReLU6Net(how)
+    with torch.no_grad():  # pre-activations spread over (-inf, 0), (0, 6) and (6, inf)
+        model.fc1.weight.mul_(8), model.fc2.weight.mul_(8)
+    images, labels = torch.randn(6, 3, 2, 2), torch.randint(NUM_CLASSES, (6,))
+    x = images.flatten(1)
+    pre1 = model.fc1(x)
+    pre2 = model.fc2(pre1.clamp(0, 6))
+    upstream = F.softmax(model.fc3(pre2.clamp(0, 6)), 1) - F.one_hot(labels, NUM_CLASSES)  # d CE / d logits
+    passing1, passing2 = (pre1 > 0) & (pre1 < 6), (pre2 > 0) & (pre2 < 6)
+    assert passing2.any() and not passing2.all() and (pre2 >= 6).any()
+    guided2 = (upstream @ model.fc3.weight).clamp(min=0) * passing2
+    guided1 = (guided2 @ model.fc2.weight).clamp(min=0) * passing1
+    expected = (guided1 @ model.fc1.weight).view_as(images).detach()
+    torch.testing.assert_close(input_gradients(model, images, labels).guided, expected)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_050"])  # in-place ReLU; ReLU6
+def test_standard_gradient_and_its_derivative_equal_plain_autograd(name):
+    model = timm.create_model(name, num_classes=NUM_CLASSES).train()
+    images, labels = batch(16)
+    ours = input_gradients(model, images, labels).standard
+
+    plain_images = images.clone().requires_grad_(True)
+    plain_loss = F.cross_entropy(model(plain_images), labels, reduction="sum")
+    (plain,) = torch.autograd.grad(plain_loss, plain_images, create_graph=True)
+    torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    # differentiable as autograd's own: the same parameter gradients of a function of the input gradient
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.testing.assert_close(torch.autograd.grad(ours.square().sum(), params),
+                               torch.autograd.grad(plain.square().sum(), params))
+
+
+def test_error_functions_by_hand():
+    delta = torch.tensor([[3.0, -4.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]).view(2, 1, 2, 2).requires_grad_(True)
+    teacher = torch.tensor([[1.0, 0.0, -2.0, 1.0], [1.0, -1.0, 2.0, 0.0]]).view(2, 1, 2, 2)
+    # sample 0: difference [2, -4, 2, 0]; <δ, δ'> = 4, ‖δ‖ = √26, ‖δ'‖ = √6; Σ min|.| = 2, ‖δ‖_1 = 8, ‖δ'‖_1 = 4
+    # sample 1: δ = 0, difference [-1, 1, -2, 0]; the similarities are 0 by convention
+    expected = {"mae": [8 / 4, 4 / 4], "mse": [24 / 4, 6 / 4], "cosine": [-4 / 156 ** 0.5, 0.0],
+                "histogram": [-2 / 32, 0.0]}
+    functions = {"mae": mean_absolute_error, "mse": mean_squared_error, "cosine": cosine_error,
+                 "histogram": histogram_intersection_error}
+    assert ERRORS == functions
+    for name, function in functions.items():
+        error = function(delta, teacher)
+        torch.testing.assert_close(error, torch.tensor(expected[name]), msg=name)
+        (grad,) = torch.autograd.grad(error.sum(), delta)
+        assert torch.isfinite(grad).all(), name
+    # the similarities are largest (most negative error) for identical gradients, cosine -1 at any scale
+    torch.testing.assert_close(cosine_error(2 * teacher, teacher), torch.tensor([-1.0, -1.0]))
+    torch.testing.assert_close(histogram_intersection_error(teacher, teacher), torch.tensor([-1 / 4, -1 / 4]))
+
+
+@pytest.mark.parametrize("error", sorted(ERRORS))
+def test_regulariser_gradient_passes_gradcheck(error):
+    model = TinyNet("module", batchnorm=False).double()
+    images, labels = batch(5, count=3)
+    images = images.double()
+    names = [name for name, _ in model.named_parameters()]
+    teacher = input_gradients(model, images, labels).guided  # a constant, as the teacher is detached
+
+    def regulariser(*params):
+        network = lambda x: functional_call(model, dict(zip(names, params, strict=True)), (x,))  # noqa: E731
+        return ERRORS[error](input_gradients(network, images, labels).standard, teacher).mean()
+
+    params = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
+    assert torch.autograd.gradcheck(regulariser, params, eps=1e-6, atol=1e-5)
+
+
+def parameter_grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_zero_weight_is_the_plain_training_step(monkeypatch):
+    model = TinyNet().train()
+    images, labels = batch()
+    state = copy.deepcopy(model.state_dict())  # batch norm's running statistics move with each forward
+    plain = parameter_grads(model, classification_loss(model(images), labels))
+    model.load_state_dict(state)
+    regularised = parameter_grads(model, GradientDenoising(weight=0.0).regularised(model, images, labels).loss)
+    for ours, expected in zip(regularised, plain, strict=True):
+        torch.testing.assert_close(ours, expected)
+
+    model.load_state_dict(state)
+    monkeypatch.setattr("training.gradient_denoising.input_gradients", None)  # the extra passes are skipped
+    step = GradientDenoising(weight=0.0)(model, images, labels)
+    assert list(step.terms) == ["classification"]
+    for ours, expected in zip(parameter_grads(model, step.loss), plain, strict=True):
+        assert torch.equal(ours, expected)
+
+
+def test_objective_is_classification_plus_weighted_regulariser():
+    model, (images, labels) = TinyNet().eval(), batch()
+    step = GradientDenoising("mse", weight=0.5)(model, images, labels)
+    assert set(step.terms) == {"classification", "regulariser"}
+    torch.testing.assert_close(step.terms["classification"], classification_loss(model(images), labels))
+    gradients = input_gradients(model, images, labels)
+    assert gradients.standard.requires_grad and not gradients.guided.requires_grad  # the teacher is detached
+    expected = mean_squared_error(gradients.standard, gradients.guided).mean()
+    torch.testing.assert_close(step.terms["regulariser"], expected)
+    torch.testing.assert_close(step.loss, step.terms["classification"] + 0.5 * step.terms["regulariser"])
+    assert step.logits.shape == (4, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("error", ["cosine", "mse"])
+def test_sgd_with_large_weight_reduces_the_regulariser(error):
+    model, (images, labels) = TinyNet(batchnorm=False), batch(count=8)
+    objective = GradientDenoising(error, weight={"cosine": 10.0, "mse": 1e4}[error])
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05 if error == "cosine" else 0.02)
+    history = []
+    for _ in range(30):
+        step = objective(model, images, labels)
+        optimiser.zero_grad()
+        step.loss.backward()
+        optimiser.step()
+        history.append(step.terms["regulariser"].item())
+    assert history[-1] < history[0] - 0.1 * abs(history[0])
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="unknown error function 'l1'"):
+        GradientDenoising("l1")
+    with pytest.raises(ValueError, match="non-negative"):
+        GradientDenoising(weight=-1.0)
+
+
+def no_hooks(model):
+    return all(not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+               for m in model.modules())
+
+
+class FailingBackward(nn.Module):
+    """The identity, whose first backward pass (the guided one) raises."""
+
+    def forward(self, x):
+        def fail(_):
+            raise RuntimeError("fails inside the guided backward")
+        if x.requires_grad:
+            x.register_hook(fail)
+        return x
+
+
+def test_model_left_unmodified_after_an_error_in_the_guided_backward():
+    model, (images, labels) = TinyNet().eval(), batch()
+    clean_images = images.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(classification_loss(model(clean_images), labels), clean_images)
+    failing = nn.Sequential(FailingBackward(), model)
+    with pytest.raises(RuntimeError, match="guided backward"):
+        input_gradients(failing, images, labels)
+    assert not _get_current_function_mode_stack() and no_hooks(failing)
+    assert all(type(m) in (TinyNet, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Linear) for m in model.modules())
+    again = images.clone().requires_grad_(True)
+    (after,) = torch.autograd.grad(classification_loss(model(again), labels), again)
+    assert torch.equal(after, expected)
+
+
+def test_switch_restored_after_an_error_in_a_guided_backward():
+    model, (images, labels) = TinyNet().eval(), batch()
+    images.requires_grad_(True)
+    (expected,) = torch.autograd.grad(classification_loss(model(images), labels), images)
+    with switchable_relu() as switch:
+        loss = classification_loss(model(images), labels)
+    with pytest.raises(KeyError), switch.guided_backward():
+        assert switch.guided
+        raise KeyError("anything")
+    assert not switch.guided
+    assert torch.equal(torch.autograd.grad(loss, images)[0], expected)  # the same graph, standard again
+
+
+def distributed_worker(rank, store):
+    """Rank ``rank`` of 2: its parameter gradients must be the mean of both ranks' unwrapped gradients."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same model and data on both ranks, each rank taking its half
+        model, (images, labels) = TinyNet(batchnorm=False), batch(count=8)
+        halves = list(zip(images.chunk(2), labels.chunk(2), strict=True))
+        objective = GradientDenoising()
+        expected = [sum(grads) / 2 for grads in zip(
+            *(parameter_grads(model, objective(model, *half).loss) for half in halves), strict=True)]
+        wrapped = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+        for _ in range(2):  # the first step of DDP differs from the next ones
+            ours = parameter_grads(wrapped, objective(wrapped, *halves[rank]).loss)
+            for grad, reference in zip(ours, expected, strict=True):
+                torch.testing.assert_close(grad, reference)
+        with pytest.raises(ValueError, match="static_graph"):
+            objective(nn.parallel.DistributedDataParallel(model, static_graph=True), *halves[rank])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_works_under_distributed_data_parallel(tmp_path):
+    torch.multiprocessing.spawn(distributed_worker, args=(str(tmp_path / "store"),), nprocs=2)

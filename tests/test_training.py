@@ -1,0 +1,236 @@
+"""The Accelerate training loop and its recipes, on datasets laid out on disk as the real ones are."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from accelerate.utils import set_seed
+from data_layouts import CubImage, make_cub, make_image_folder, make_voc
+from safetensors.torch import load_file, save_file
+
+import zoo  # noqa: F401
+from training.config import list_recipes, load_recipe
+from training.train import build_model, step_schedule, train
+from zoo.hub import load_model
+
+SMALL_BACKBONE = {"backbone": "resnet10t"}  # the smallest timm ResNet keeps each step fast
+QUICK = dict(image_size=32, workers=0, batch_size=4, data_root="")
+
+
+def stream_recipe(tmp_path, **overrides):
+    """CA-Stream (random weights, frozen backbone) on an ImageNet-style folder of 2 x 8 training images."""
+    root = tmp_path / "data"
+    if not root.exists():
+        make_image_folder(root, per_class=8)
+    settings = dict(QUICK, model="resnet18_castream", model_args=SMALL_BACKBONE, weights=None, data_root=str(root),
+                    epochs=2, output_dir=str(tmp_path / "run"))
+    return load_recipe("castream_imagenet", **{**settings, **overrides})
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def test_recipes_carry_the_thesis_hyperparameters():
+    assert list_recipes() == ["castream_cub", "castream_imagenet", "castream_voc", "finetune_cub", "finetune_voc",
+                              "gd_cifar100"]
+    for name in ("castream_imagenet", "castream_cub", "castream_voc"):  # thesis §3.4
+        recipe = load_recipe(name)
+        assert recipe.freeze_backbone and recipe.model == "resnet50_castream"
+        assert (recipe.lr, recipe.momentum, recipe.weight_decay, recipe.epochs, recipe.batch_size) == \
+               (0.1, 0.9, 1e-4, 90, 256)
+        assert (recipe.milestones, recipe.gamma) == ([30, 60], 0.1)
+    assert load_recipe("castream_cub").weights == "runs/finetune_cub/model"
+    for name, dataset in (("finetune_cub", "cub"), ("finetune_voc", "voc")):
+        recipe = load_recipe(name)
+        assert recipe.new_classifier and recipe.weights == "timm/resnet50.tv_in1k" and recipe.dataset == dataset
+    gd = load_recipe("gd_cifar100")  # thesis ch. 4 and the CIFAR-100 protocol it follows
+    assert (gd.objective, gd.gd_error, gd.gd_weight) == ("gradient_denoising", "cosine", 7.5e-3)
+    assert (gd.epochs, gd.lr, gd.momentum, gd.weight_decay, gd.batch_size, gd.warmup_epochs) == \
+           (200, 0.1, 0.9, 5e-4, 128, 1)
+    assert (gd.milestones, gd.gamma, gd.augmentation) == ([60, 120, 160], 0.2, "cifar")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("no_such_recipe",), "unknown recipe 'no_such_recipe'"),
+    (("castream_cub",), "unknown settings learning_rate"),
+    (("castream_cub",), "dataset 'imagenet' is not one of"),
+    (("castream_cub",), "epochs must be at least 1"),
+    (("castream_cub",), "objective 'distillation' is not one of"),
+])
+def test_recipe_errors_name_the_setting(args, message):
+    overrides = {"unknown settings learning_rate": dict(learning_rate=0.1), "dataset 'imagenet' is not one of":
+                 dict(dataset="imagenet"), "epochs must be at least 1": dict(epochs=0),
+                 "objective 'distillation' is not one of": dict(objective="distillation")}.get(message, {})
+    with pytest.raises(ValueError, match=message):
+        load_recipe(*args, **overrides)
+
+
+def test_schedule_warms_up_then_divides_at_the_milestones():
+    recipe = load_recipe("gd_cifar100")  # warm-up 1 epoch, x0.2 at 60, 120, 160
+    factor = step_schedule(recipe, steps_per_epoch=10)
+    assert [factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [factor(s) for s in (599, 600, 1200, 1600, 1999)] == pytest.approx([1, 0.2, 0.04, 0.008, 0.008])
+
+
+def test_stream_recipe_trains_the_stream_only_and_saves_a_timm_model(tmp_path):
+    recipe = stream_recipe(tmp_path)
+    model_dir = train(recipe, cpu=True)
+    set_seed(recipe.seed)
+    start = build_model(recipe, 2).state_dict()
+    final = state(model_dir)
+    moved = {k for k in final if not torch.equal(final[k], start[k])}
+    assert moved and all(k.startswith("stream.") for k in moved)  # the frozen backbone, BatchNorm included, kept
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all({"train_loss", "val_loss", "val_top1"} <= r.keys()
+                                                        for r in rows)
+    assert (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].startswith("epoch,step,lr,train_loss")
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
+    loaded = timm.create_model(f"local-dir:{model_dir}", pretrained=True).eval()
+    assert loaded.pretrained_cfg["label_names"] == ["n01440764", "n01443537"]
+    reference = load_model("resnet18_castream", str(model_dir), 2, **SMALL_BACKBONE).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(loaded(x), reference(x), strict=True))
+
+
+def test_cub_fine_tuning_then_stream_on_top_keeps_the_fine_tuned_classifier(tmp_path):
+    images = tuple(CubImage(1 + i % 3, i % 4 != 0, (8, 8, 40, 30)) for i in range(12))
+    make_cub(tmp_path / "data", images=images)
+    imagenet = tmp_path / "resnet10t_in1k.safetensors"  # stands for timm's ImageNet weights
+    save_file(timm.create_model("resnet10t").state_dict(), imagenet)
+    common = dict(QUICK, data_root=str(tmp_path / "data"), epochs=1, batch_size=3)
+    baseline = train(load_recipe("finetune_cub", model="resnet10t", weights=str(imagenet), lr=0.01,
+                                 output_dir=str(tmp_path / "gap"), **common), cpu=True)
+    tuned = state(baseline)
+    assert tuned["fc.weight"].shape == (3, 512)
+    assert not torch.equal(tuned["conv1.0.weight"], load_file(imagenet)["conv1.0.weight"])
+    stream = train(load_recipe("castream_cub", model="resnet18_castream", model_args=SMALL_BACKBONE,
+                               weights=str(baseline), output_dir=str(tmp_path / "ca"), **common), cpu=True)
+    final = state(stream)
+    assert all(torch.equal(final[f"backbone.{k}"], v) for k, v in tuned.items())  # classifier included
+    config = json.loads((stream / "config.json").read_text())
+    assert config["architecture"] == "resnet18_castream" and config["num_classes"] == 3
+    assert config["label_names"] == ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    assert config["model_args"]["backbone"] == "resnet10t"
+
+
+def test_voc_is_multi_label_with_binary_cross_entropy_and_map(tmp_path):
+    make_voc(tmp_path / "data")
+    recipe = load_recipe("finetune_voc", model="resnet10t", weights=None, new_classifier=False, epochs=1,
+                         output_dir=str(tmp_path / "run"), **dict(QUICK, batch_size=2,
+                                                                  data_root=str(tmp_path / "data")))
+    train(recipe, cpu=True)
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 <= row["val_map"] <= 100 and "val_top1" not in row and "train_top1" not in row
+
+
+def _train_command(tmp_path, out: str) -> list[str]:
+    return [sys.executable, "-m", "training.train", "castream_imagenet", "--model", "resnet18_castream",
+            "--set", f"model_args={json.dumps(SMALL_BACKBONE)}", "--weights", "none", "--data-root",
+            str(tmp_path / "data"), "--image-size", "32", "--workers", "0", "--batch-size", "4", "--epochs", "2",
+            "--checkpoint-every", "1", "--output-dir", str(tmp_path / out), "--cpu"]
+
+
+def test_a_killed_run_resumes_mid_epoch_and_ends_with_the_uninterrupted_weights(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=8)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    subprocess.run(_train_command(tmp_path, "whole"), check=True, env=env, capture_output=True)
+    killed = subprocess.Popen(_train_command(tmp_path, "killed"), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("step-*")) and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert json.loads((tmp_path / "killed" / "status.json").read_text())["state"] == "running", \
+        "the run finished before it could be killed"
+    resumed = subprocess.run(_train_command(tmp_path, "killed"), check=True, env=env, capture_output=True, text=True)
+    position = resumed.stdout[resumed.stdout.index("resumed from"):].split("\n")[0]
+    assert "batch 0)" not in position, f"expected a resume in the middle of an epoch: {position}"
+    whole, again = state(tmp_path / "whole" / "model"), state(tmp_path / "killed" / "model")
+    assert all(torch.allclose(whole[k].float(), again[k].float(), atol=1e-6) for k in whole)
+    assert not list(checkpoints.glob(".partial*"))
+
+
+def test_two_processes_see_disjoint_data_and_end_with_identical_weights(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=8)
+    args = ["castream_imagenet", "--model", "resnet18_castream", "--set", f"model_args={json.dumps(SMALL_BACKBONE)}",
+            "--weights", "none", "--data-root", str(tmp_path / "data"), "--image-size", "32", "--workers", "0",
+            "--batch-size", "4", "--epochs", "2"]
+    env = dict(os.environ, PYTHONPATH=f"{os.getcwd()}{os.pathsep}{Path(__file__).parent}")
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    str(Path(__file__).parent / "launch_training.py"), str(tmp_path), *args, "--output-dir",
+                    str(tmp_path / "two"), "--cpu"], check=True, env=env, capture_output=True)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch in ("0", "1"):
+        first, second = set(seen[0][epoch]), set(seen[1][epoch])
+        assert not first & second and first | second == set(range(16))
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    # the frozen backbone has no batch statistics to split: 2 x 2 images per step is the same step as 1 x 4
+    single = state(train(stream_recipe(tmp_path, output_dir=str(tmp_path / "one")), cpu=True))
+    assert all(torch.allclose(single[k], ranks[0][k], atol=1e-5) for k in single)
+
+
+def test_finished_or_foreign_runs_are_never_overwritten(tmp_path):
+    recipe = stream_recipe(tmp_path, epochs=1)
+    train(recipe, cpu=True)
+    with pytest.raises(FileExistsError, match="holds a finished run; --overwrite replaces it"):
+        train(recipe, cpu=True)
+    status = tmp_path / "run" / "status.json"
+    status.write_text(json.dumps({"state": "running"}))
+    with pytest.raises(FileExistsError, match="another recipe .*lr: 0.1 -> 0.05"):
+        train(stream_recipe(tmp_path, epochs=1, lr=0.05), cpu=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty and holds no run"):
+        train(stream_recipe(tmp_path, epochs=1, output_dir=str(tmp_path / "other")), cpu=True)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+    train(stream_recipe(tmp_path, epochs=1, lr=0.05), overwrite=True, cpu=True)
+    assert json.loads(status.read_text())["state"] == "finished"
+
+
+def test_bad_requests_are_named(tmp_path):
+    with pytest.raises(ValueError, match="sets num_classes=5 but imagenet-folder has 2 classes"):
+        train(stream_recipe(tmp_path, model_args=dict(SMALL_BACKBONE, num_classes=5)), cpu=True)
+    other = tmp_path / "resnet34.safetensors"
+    save_file(timm.create_model("resnet34", num_classes=2).state_dict(), other)
+    with pytest.raises(ValueError, match="does not fit resnet18_castream"):
+        train(stream_recipe(tmp_path, weights=str(other), model_args={}), cpu=True)
+    with pytest.raises(ValueError, match="does not split over 1 processes x 2 accumulation steps"):
+        train(stream_recipe(tmp_path, batch_size=5, grad_accum=2), cpu=True)
+    with pytest.raises(ValueError, match="resnet10t has no separate backbone to freeze"):
+        train(stream_recipe(tmp_path, model="resnet10t", model_args={}), cpu=True)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors not found"):
+        train(stream_recipe(tmp_path, weights=str(tmp_path / "missing.safetensors")), cpu=True)
+    broken = next((tmp_path / "data" / "train").rglob("*.JPEG"))
+    broken.write_bytes(broken.read_bytes()[:200])  # a truncated download
+    with pytest.raises(OSError, match=f"could not decode the image {broken}"):
+        train(stream_recipe(tmp_path, output_dir=str(tmp_path / "broken")), cpu=True)
+
+
+def test_gradient_denoising_recipe_logs_both_terms_and_its_baseline_trains_plainly(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=4)
+    common = dict(QUICK, dataset="imagenet-folder", data_root=str(tmp_path / "data"), val_split="val", epochs=1)
+    denoised = load_recipe("gd_cifar100", output_dir=str(tmp_path / "gd"), **common)
+    train(denoised, cpu=True)
+    (row,) = [json.loads(line) for line in (tmp_path / "gd" / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_classification", "train_regulariser", "train_top1", "val_top1"} <= row.keys()
+    assert -1 <= row["train_regulariser"] <= 1  # the cosine error of eq. 4.7
+    assert row["train_loss"] == pytest.approx(row["train_classification"] + 7.5e-3 * row["train_regulariser"])
+    train(load_recipe("gd_cifar100", gd_weight=0, output_dir=str(tmp_path / "base"), **common), cpu=True)
+    (row,) = [json.loads(line) for line in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert "train_regulariser" not in row and row["train_loss"] == pytest.approx(row["train_classification"])
+    assert json.loads((tmp_path / "gd" / "model" / "config.json").read_text())["architecture"] == "resnet18_cifar"
+    with pytest.raises(ValueError, match="use mixed_precision bf16 or no"):
+        load_recipe("gd_cifar100", mixed_precision="fp16")

@@ -1,0 +1,120 @@
+"""Training recipes: a dataclass of every setting, filled from a small YAML file and command-line overrides.
+
+The recipes of the thesis live in ``training/recipes/<name>.yaml`` with its hyperparameters written in them
+(SPEC §1, §3); ``load_recipe("finetune_cub", epochs=1, limit=64)`` or ``zoo-train finetune_cub --epochs 1``
+reads one and overrides fields.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from zoo.data import DATASETS
+from zoo.data.transforms import AUGMENTATIONS
+
+__all__ = ["RECIPES_DIR", "Recipe", "list_recipes", "load_recipe"]
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+OBJECTIVES = ("classification", "gradient_denoising")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class Recipe:
+    """Every setting of a training run. ``batch_size`` is global: each of N processes with gradient
+    accumulation A takes ``batch_size / (N * A)`` images per step, so the optimisation is the same on any
+    hardware."""
+
+    name: str
+    model: str  # a registered timm/zoo architecture
+    dataset: str  # a name of zoo.data.DATASETS
+    data_root: str
+    model_args: dict = field(default_factory=dict)  # passed to timm.create_model
+    # initial weights: .safetensors, a folder with model.safetensors, org/name, "default"; None or "none": random
+    weights: str | None = None
+    new_classifier: bool = False  # the weights' classifier is replaced (fine-tuning on another label set)
+    freeze_backbone: bool = False  # CA-Stream: train the stream only (thesis §3.3)
+    train_split: str = "train"
+    val_split: str | None = None  # default: the dataset's other split
+    dataset_options: dict = field(default_factory=dict)
+    image_size: int | None = None  # default: the model's data config
+    augmentation: str = "imagenet"
+    objective: str = "classification"
+    gd_error: str = "cosine"  # gradient denoising (thesis ch. 4): error function E, eq. 4.5-4.8
+    gd_weight: float = 7.5e-3  # and lambda, eq. 4.4
+    epochs: int = 90
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: list[int] = field(default_factory=lambda: [30, 60])  # epochs where the lr is multiplied by gamma
+    gamma: float = 0.1
+    warmup_epochs: int = 0  # linear warm-up of the lr over the first epochs, per step
+    mixed_precision: str = "no"
+    grad_accum: int = 1
+    seed: int = 0
+    workers: int = 4
+    limit: int | None = None  # only the first N images of each split (quick runs)
+    checkpoint_every: int = 0  # also checkpoint every N optimiser steps (0: at the end of each epoch only)
+    keep_checkpoints: int = 2
+    output_dir: str | None = None  # default: runs/<name>
+
+    def __post_init__(self):
+        problems = []
+        if self.dataset not in DATASETS:
+            problems.append(f"dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
+        if self.augmentation not in AUGMENTATIONS:
+            problems.append(f"augmentation {self.augmentation!r} is not one of {', '.join(AUGMENTATIONS)}")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.mixed_precision not in PRECISIONS:
+            problems.append(f"mixed_precision {self.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "checkpoint_every", "gd_weight"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.objective == "gradient_denoising" and self.mixed_precision == "fp16" and self.gd_weight:
+            problems.append("gradient denoising differentiates input gradients that fp16 loss scaling does not "
+                            "reach (they may underflow): use mixed_precision bf16 or no")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit must be at least 1, got {self.limit}")
+        if problems:
+            raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems))
+        if self.weights in ("none", ""):  # the command line's way to ask for a random initialisation
+            self.weights = None
+        if self.output_dir is None:
+            self.output_dir = str(Path("runs") / self.name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def list_recipes() -> list[str]:
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str, **overrides) -> Recipe:
+    """The recipe ``training/recipes/<name>.yaml`` (or a YAML file's path) with ``overrides`` applied."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ValueError(f"unknown recipe {name_or_path!r}: known recipes are {', '.join(list_recipes())} "
+                             "(or give a YAML file's path)")
+    elif not path.is_file():
+        raise FileNotFoundError(f"recipe file {path} not found")
+    settings = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of settings, got {type(settings).__name__}")
+    known = {f.name for f in fields(Recipe)}
+    unknown = sorted((settings.keys() | overrides.keys()) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    settings.setdefault("name", path.stem)
+    try:
+        return Recipe(**{**settings, **overrides})
+    except TypeError as error:  # a required setting missing
+        raise ValueError(f"{path}: {error}") from None

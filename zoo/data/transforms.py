@@ -1,0 +1,48 @@
+"""Preprocessing from a timm data config, as torchvision v2 transforms so boxes follow the image.
+
+``config`` is what ``timm.data.resolve_data_config`` gives (``input_size``, ``interpolation``, ``crop_pct``,
+``mean``, ``std``). Grey images (Fashion-MNIST) become RGB.
+"""
+
+import torch
+from torchvision.transforms import v2
+
+__all__ = ["AUGMENTATIONS", "eval_transform", "train_transform"]
+
+AUGMENTATIONS = ("imagenet", "cifar", "none")
+
+
+def _interpolation(config: dict) -> v2.InterpolationMode:
+    return v2.InterpolationMode(config.get("interpolation", "bilinear"))
+
+
+def _to_normalised_tensor(config: dict) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(config["mean"], config["std"])]
+
+
+def eval_transform(config: dict) -> v2.Compose:
+    """timm's evaluation preprocessing: resize to size / crop_pct, centre crop, normalise."""
+    size = config["input_size"][-2:]
+    return v2.Compose([
+        v2.ToImage(), v2.RGB(), v2.Resize(int(size[0] / config["crop_pct"]), interpolation=_interpolation(config)),
+        v2.CenterCrop(size), *_to_normalised_tensor(config),
+    ])
+
+
+def train_transform(config: dict, augmentation: str) -> v2.Compose:
+    """Training preprocessing at the config's input size.
+
+    ``imagenet``: random-resized crop (scale 0.08-1) and horizontal flip, as torchvision's ImageNet recipe;
+    ``cifar``: 4-pixel zero padding, random crop and flip, the standard CIFAR augmentation; ``none``: the
+    evaluation preprocessing.
+    """
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}: expected one of {', '.join(AUGMENTATIONS)}")
+    if augmentation == "none":
+        return eval_transform(config)
+    size = config["input_size"][-2:]
+    if augmentation == "imagenet":
+        crop = [v2.RandomResizedCrop(size, interpolation=_interpolation(config))]
+    else:
+        crop = [v2.Resize(size, interpolation=_interpolation(config)), v2.RandomCrop(size, padding=4)]
+    return v2.Compose([v2.ToImage(), v2.RGB(), *crop, v2.RandomHorizontalFlip(), *_to_normalised_tensor(config)])

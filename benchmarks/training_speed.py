@@ -137,8 +137,9 @@ def main(argv=None):
     labels = [f"{row['model'].removesuffix('_castream')}\n{kind}" for row in steps for kind in ("stream", "finetune")]
     values = [row[f"{kind}_img_per_s"] for row in steps for kind in ("stream", "finetune")]
     ax.bar(labels, values, color=["tab:blue", "tab:gray"] * len(steps))
-    for row in loading:
-        ax.axhline(row["img_per_s"], linestyle="--", linewidth=1, label=f"data pipeline, {row['workers']} workers")
+    for row, color in zip(loading, ["tab:green", "tab:red", "tab:purple", "tab:olive"], strict=False):
+        ax.axhline(row["img_per_s"], color=color, linestyle="--", linewidth=1,
+                   label=f"data pipeline, {row['workers']} workers")
     ax.set_ylabel("training images / s")
     ax.set_title(setting, fontsize=8)
     ax.legend(fontsize=7)

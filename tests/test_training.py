@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import zoo  # noqa: F401
 from training.config import list_recipes, load_recipe
-from training.train import build_model, step_schedule, train
+from training.train import build_model, step_schedule, subset, train
 from zoo.hub import load_model
 
 SMALL_BACKBONE = {"backbone": "resnet10t"}  # the smallest timm ResNet keeps each step fast
@@ -78,6 +78,15 @@ def test_schedule_warms_up_then_divides_at_the_milestones():
     factor = step_schedule(recipe, steps_per_epoch=10)
     assert [factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert [factor(s) for s in (599, 600, 1200, 1600, 1999)] == pytest.approx([1, 0.2, 0.04, 0.008, 0.008])
+
+
+def test_limit_draws_a_fixed_subset_across_a_dataset_stored_class_by_class():
+    labels = [0] * 50 + [1] * 50
+    chosen = subset(labels, 10, seed=0)
+    assert list(chosen.indices) == sorted(chosen.indices) and len(set(chosen.indices)) == 10
+    assert {labels[i] for i in chosen.indices} == {0, 1}
+    assert list(subset(labels, 10, seed=0).indices) == list(chosen.indices) != list(subset(labels, 10, 1).indices)
+    assert subset(labels, 500, seed=0) is labels
 
 
 def test_stream_recipe_trains_the_stream_only_and_saves_a_timm_model(tmp_path):

@@ -55,7 +55,7 @@ class Recipe:
     grad_accum: int = 1
     seed: int = 0
     workers: int = 4
-    limit: int | None = None  # only the first N images of each split (quick runs)
+    limit: int | None = None  # a fixed random subset of N images of each split (quick runs)
     checkpoint_every: int = 0  # also checkpoint every N optimiser steps (0: at the end of each epoch only)
     keep_checkpoints: int = 2
     output_dir: str | None = None  # default: runs/<name>

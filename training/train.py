@@ -45,6 +45,7 @@ from zoo.data.transforms import eval_transform, train_transform
 from zoo.hub import load_model
 
 from .config import Recipe, list_recipes, load_recipe
+from .gradient_denoising import GradientDenoising
 from .objectives import Classification, classification_loss, model_logits
 
 __all__ = ["main", "train"]
@@ -83,10 +84,8 @@ class Progress:
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
 
 
-def build_objective(recipe: Recipe):
+def build_objective(recipe: Recipe) -> Classification | GradientDenoising:
     if recipe.objective == "gradient_denoising":
-        from .gradient_denoising import GradientDenoising
-
         return GradientDenoising(recipe.gd_error, recipe.gd_weight)
     return Classification()
 
@@ -116,17 +115,25 @@ def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset, list[str]]:
 
 
 def build_loaders(recipe: Recipe, train_set, val_set, data_config: dict, per_process_batch: int):
-    """Training and validation loaders: transforms from ``data_config``, the first ``limit`` images."""
+    """Training and validation loaders: transforms from ``data_config``; with ``limit``, a fixed random subset
+    of each split (drawn from the seed, so it spans the classes of a dataset stored class by class)."""
     train_set.transforms = train_transform(data_config, recipe.augmentation)
     val_set.transforms = eval_transform(data_config)
     if recipe.limit is not None:
-        train_set = Subset(train_set, range(min(recipe.limit, len(train_set))))
-        val_set = Subset(val_set, range(min(recipe.limit, len(val_set))))
+        train_set, val_set = (subset(dataset, recipe.limit, recipe.seed) for dataset in (train_set, val_set))
     if len(train_set) < recipe.batch_size:
         raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch of {recipe.batch_size}")
     common = dict(batch_size=per_process_batch, num_workers=recipe.workers, collate_fn=collate)
     train_loader = DataLoader(SeededAugmentation(train_set, recipe.seed), shuffle=True, drop_last=True, **common)
     return train_loader, DataLoader(val_set, shuffle=False, **common)
+
+
+def subset(dataset: Dataset, size: int, seed: int) -> Dataset:
+    """``size`` images of ``dataset`` drawn at random from ``seed`` (all of it when smaller), in dataset order."""
+    if size >= len(dataset):
+        return dataset
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    return Subset(dataset, chosen.sort().values.tolist())
 
 
 def step_schedule(recipe: Recipe, steps_per_epoch: int):

@@ -25,18 +25,13 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import zoo  # noqa: E402
+from zoo.measure import device_name, timed  # noqa: E402
 
 TARGET_RATIO = 0.97
 
 
 def seconds(fn, x, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return timed(lambda: fn(x), device)[0]
 
 
 @torch.inference_mode()
@@ -77,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = device_name(device)
 
     rows = [compare(name, args.img_size, args.batch, args.rounds, device) for name in tqdm(args.models, desc="models")]
     setting = f"{where}, batch {args.batch}, {args.img_size} px, median of {args.rounds} rounds"

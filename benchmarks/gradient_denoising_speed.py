@@ -29,7 +29,7 @@ import torch
 import zoo  # noqa: F401  (registers resnet18_cifar and mobilenetv2_cifar with timm)
 from training.gradient_denoising import GradientDenoising
 from training.objectives import Classification
-from zoo.measure import timed
+from zoo.measure import device_name, timed
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 IMAGE_SIZE, NUM_CLASSES = 32, 100
@@ -95,7 +95,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = device_name(device)
     setting = (f"on {where}, torch {torch.__version__}, batch {args.batch} at {IMAGE_SIZE} px, median of "
                f"{args.repeats} alternating steps, {time.strftime('%Y-%m-%d')}")
     print(f"Training step, standard vs gradient denoising ({setting})", flush=True)

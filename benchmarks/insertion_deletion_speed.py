@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from evaluation.metrics.curves import PROTOCOLS, area_under_curve, blur, perturbation_curves  # noqa: E402
 from evaluation.saliency import explain  # noqa: E402
-from zoo.measure import timed  # noqa: E402
+from zoo.measure import device_name, timed  # noqa: E402
 from zoo.samples import photo_crops  # noqa: E402
 
 FULL = ["resnet18:released:8", "resnet50:released:4", "resnet18:thesis:1"]
@@ -116,7 +116,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = device_name(device)
     setting = f"on {where}, {time.strftime('%Y-%m-%d')}"
     runs = args.runs or (QUICK if args.quick else FULL)
     size = 32 if args.quick else args.size

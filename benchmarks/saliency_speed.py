@@ -35,7 +35,7 @@ from evaluation.metrics import average_drop, average_gain, average_increase  # n
 from evaluation.saliency import default_layer, explain, mask_images, pixel_statistics  # noqa: E402
 from evaluation.saliency.core import normalise_per_image  # noqa: E402
 from evaluation.saliency.opticam import combine, mask_of  # noqa: E402
-from zoo.measure import timed  # noqa: E402
+from zoo.measure import device_name, timed  # noqa: E402
 from zoo.samples import photo_crops  # noqa: E402
 
 REFERENCES = {"gradcam": GradCAM, "scorecam": ScoreCAM}
@@ -154,7 +154,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = device_name(device)
     setting = f"on {where}, {time.strftime('%Y-%m-%d')}"
 
     cam_rows = []

@@ -33,42 +33,40 @@ from tqdm import tqdm  # noqa: E402
 
 import zoo  # noqa: E402, F401
 from training.config import load_recipe  # noqa: E402
+from training.objectives import model_logits  # noqa: E402
 from training.train import build_datasets, build_loaders  # noqa: E402
+from zoo.measure import device_name, timed  # noqa: E402
 from zoo.samples import photo  # noqa: E402
 
 
-def step_seconds(model, params, x, labels, device) -> float:
-    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = model(x)
-    F.cross_entropy(out.logits if isinstance(out, zoo.ModelOutput) else out, labels).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def step_seconds(model, optimizer, x, labels, device) -> float:
+    def step():
+        F.cross_entropy(model_logits(model, x), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(step, device)[0]
 
 
 def compare_steps(name: str, img_size: int, batch: int, rounds: int, device) -> dict:
     model = timm.create_model(name, num_classes=1000).to(device)
     stream = model.freeze_backbone().train()
     finetune = copy.deepcopy(model.backbone).requires_grad_(True).train()  # the same network with GAP
-    runs = {"stream": (stream, [p for p in stream.parameters() if p.requires_grad]),
-            "finetune": (finetune, list(finetune.parameters()))}
+    trainable = {"stream": [p for p in stream.parameters() if p.requires_grad], "finetune": list(finetune.parameters())}
+    runs = {key: (net, torch.optim.SGD(trainable[key], lr=1e-3, momentum=0.9))
+            for key, net in (("stream", stream), ("finetune", finetune))}
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    for model_, params in runs.values():  # warm-up
-        step_seconds(model_, params, x, labels, device)
+    for net, optimizer in runs.values():  # warm-up
+        step_seconds(net, optimizer, x, labels, device)
     times = {key: [] for key in runs}
     for r in range(rounds):
         for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
             times[key].append(step_seconds(*runs[key], x, labels, device))
     ratios = [f / s for s, f in zip(times["stream"], times["finetune"], strict=True)]
     quartiles = statistics.quantiles(ratios, n=4)
-    return dict(model=name, trainable_stream=sum(p.numel() for p in runs["stream"][1]),
-                trainable_finetune=sum(p.numel() for p in runs["finetune"][1]),
+    return dict(model=name, trainable_stream=sum(p.numel() for p in trainable["stream"]),
+                trainable_finetune=sum(p.numel() for p in trainable["finetune"]),
                 stream_img_per_s=batch / statistics.median(times["stream"]),
                 finetune_img_per_s=batch / statistics.median(times["finetune"]),
                 speedup=quartiles[1], speedup_q1=quartiles[0], speedup_q3=quartiles[2])
@@ -109,7 +107,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = device_name(device)
 
     steps = [compare_steps(name, args.img_size, args.batch, args.rounds, device)
              for name in tqdm(args.models, desc="training steps")]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["gflops", "parameter_count", "timed"]
+__all__ = ["device_name", "gflops", "parameter_count", "timed"]
 
 
 def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
@@ -36,3 +36,8 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start, result
+
+
+def device_name(device: torch.device) -> str:
+    """The device as benchmark tables name it: the GPU's model, or the CPU with its thread count."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

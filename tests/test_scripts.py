@@ -64,3 +64,28 @@ def test_saliency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
     assert all(row["max_abs_diff"] < 1e-2 and row["speedup"] > 0 for row in result["cams"])
     assert [row["run"] for row in result["opticam"]][-1] == "straightforward loop"
     assert json_file.with_suffix(".md").exists() and json_file.with_suffix(".png").exists()
+
+
+def test_training_benchmark_compares_stream_and_fine_tuning_steps(tmp_path, monkeypatch):
+    argv = ["training_speed.py", "--models", "resnet18_castream", "--img-size", "32", "--batch", "2", "--rounds", "3",
+            "--workers", "0", "--loader-images", "4", "--device", "cpu", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "benchmarks" / "training_speed.py"), run_name="__main__")
+    (json_file,) = tmp_path.glob("training_speed-*.json")
+    result = json.loads(json_file.read_text())
+    (row,) = result["steps"]
+    assert row["trainable_stream"] == 439_808 and row["trainable_finetune"] == 11_689_512  # thesis: 0.44M, 11.69M
+    assert row["speedup_q1"] <= row["speedup"] <= row["speedup_q3"] and row["stream_img_per_s"] > 0
+    assert [r["workers"] for r in result["loading"]] == [0] and result["loading"][0]["images"] == 4
+    assert json_file.with_suffix(".png").stat().st_size > 0
+
+
+def test_gradient_denoising_benchmark_times_both_objectives(tmp_path, monkeypatch):
+    argv = ["gradient_denoising_speed.py", "--models", "resnet18_cifar", "--batch", "2", "--repeats", "1",
+            "--formats", "contiguous", "--device", "cpu", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "benchmarks" / "gradient_denoising_speed.py"), run_name="__main__")
+    (json_file,) = tmp_path.glob("gradient_denoising_speed-*.json")
+    (row,) = json.loads(json_file.read_text())["rows"]
+    assert row["model"] == "resnet18_cifar" and row["ratio"] > 1  # five passes instead of two
+    assert json_file.with_suffix(".md").exists()

@@ -1,2 +1,3 @@
 """Evaluation: post-hoc saliency methods (``evaluation.saliency``), interpretability metrics
-(``evaluation.metrics``); the harness and model-card publishing are still to come. See README.md."""
+(``evaluation.metrics``), the harness (``zoo-eval``), model cards (``evaluation.model_card``) and publishing
+to the Hugging Face Hub (``zoo-publish``). See README.md."""

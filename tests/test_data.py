@@ -25,7 +25,7 @@ from zoo.data import (
 )
 
 SPLITS = {"imagenet-folder": "val", "cub": "train", "voc": "train", "cifar100": "train", "fashion-mnist": "test",
-          "fashion-mnist-idx": "test"}  # fmt: skip
+          "fashion-mnist-idx": "test", "fashion-canvas": "test", "fashion-canvas-multi": "train"}  # fmt: skip
 TO_TENSOR = v2.Compose([v2.Resize((32, 48)), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
 

@@ -14,6 +14,16 @@ torchvision) and "fashion-mnist-idx" (``FashionMNISTIdx``, offline from ``FASHIO
 ``apt-get install dataset-fashion-mnist`` puts the files). VOC's ``label`` counts difficult objects unless
 ``difficult="drop"`` (see ``VOC2012``).
 
+"fashion-canvas" (``FashionCanvas``) and "fashion-canvas-multi" (``FashionCanvasMulti``) turn Fashion-MNIST
+into localisation data, generated on the fly: each item at a random place and scale on a black ``size`` x
+``size`` RGB canvas (96 by default) among dimmed fragments of other items of the same split, with the exact box
+of the item's non-zero pixels, as CUB's (``label`` an int, one box); or 2-3 items of distinct classes, apart, with
+a multi-hot float ``label`` [10] and one box per item, as VOC's. Canvas ``i`` is drawn from a generator seeded by
+``(seed, split, i)``: the same bytes in any process or order. Options (``build_dataset(..., size=64, seed=1)``):
+``size``, ``objects``, ``count``, ``seed``, ``scale``, ``clutter``, and ``source`` ("idx", the default, reads the
+Debian idx files in ``root``; "torchvision" torchvision's layout, which ``download=True`` fetches). See
+``zoo/data/canvas.py``.
+
 ``transforms`` is a ``torchvision.transforms.v2`` transform called as ``transforms(image, target)``, so boxes
 follow every resize, crop and flip of the image. ``sanitize_boxes()`` drops the boxes a crop emptied together
 with their ``box_labels`` and ``difficult``; ``collate`` is the DataLoader's ``collate_fn``.
@@ -33,6 +43,7 @@ XML object) that gave it, raised when its sample is read, the first time the ima
 """
 
 from .base import ImageDataset, collate, make_target, sanitize_boxes
+from .canvas import FashionCanvas, FashionCanvasMulti
 from .classification import (
     CIFAR100,
     FASHION_MNIST_DEBIAN_DIR,
@@ -52,6 +63,8 @@ __all__ = [
     "FASHION_MNIST_DEBIAN_DIR",
     "VOC2012",
     "VOC_CLASSES",
+    "FashionCanvas",
+    "FashionCanvasMulti",
     "FashionMNIST",
     "FashionMNISTIdx",
     "ImageDataset",

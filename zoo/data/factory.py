@@ -1,6 +1,7 @@
 """``build_dataset``: every reader by name."""
 
 from .base import ImageDataset
+from .canvas import FashionCanvas, FashionCanvasMulti
 from .classification import CIFAR100, FashionMNIST, FashionMNISTIdx, ImageFolderDataset
 from .cub import CUB200
 from .voc import VOC2012
@@ -12,6 +13,8 @@ DATASETS: dict[str, type[ImageDataset]] = {
     "cifar100": CIFAR100,
     "fashion-mnist": FashionMNIST,
     "fashion-mnist-idx": FashionMNISTIdx,
+    "fashion-canvas": FashionCanvas,
+    "fashion-canvas-multi": FashionCanvasMulti,
 }
 
 

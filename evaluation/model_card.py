@@ -1,0 +1,427 @@
+"""Hugging Face model cards built from the harness' results: measured numbers only, beside the thesis' figures.
+
+    python -m evaluation.model_card --all                                   # regenerate every card
+    python -m evaluation.model_card resnet50_castream.in1k --results results/eval/<key>/results.json
+
+A card folder (``model_cards/<arch>.<tag>/``, or the Hub folder ``zoo-publish`` builds) holds ``README.md``,
+the results it reports (``results/<dataset>-<protocol key>.json``, each with the harness' ``examples.png`` as
+``results/<dataset>-<protocol key>.png``) and, for a checkpoint that is not a registered tag, its ``config.json``.
+``README.md`` is generated from those files alone, so regenerating gives the same card: its YAML front matter
+(``library_name: timm``, license, tags, datasets, ``base_model``, and a ``model-index`` entry for every measured
+number, timings excepted) and a body with the thesis-layout tables, the protocol, usage, the example maps,
+limitations and citations. Front-matter keys the generator does not write (added by hand or on the Hub) and
+extra tags are kept when a card is regenerated. A checkpoint without results gets a card that says so.
+"""
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import timm
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+import zoo
+from zoo.hub import CONFIG_FILE, hub_id, read_config
+from zoo.measure import parameter_count
+from zoo.thesis import TABLE_3_1, TABLE_3_2, TABLE_3_3, TABLE_4_1
+
+from .harness import COLUMNS
+
+__all__ = ["BIBTEX", "CARDS_DIR", "METRICS", "add_results", "main", "regenerate", "thesis_rows", "write_card"]
+
+CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+
+BIBTEX = r"""@phdthesis{torres2024thesis,
+  author = {Torres Figueroa, Felipe},
+  title  = {Learning discriminative representations to interpret image recognition models},
+  school = {Aix-Marseille Universit{\'e}},
+  year   = {2024}
+}
+@inproceedings{torres2024castream,
+  author    = {Torres, Felipe and Zhang, Hanwei and Sicre, Ronan and Ayache, St{\'e}phane and Avrithis, Yannis},
+  title     = {{CA-Stream}: Attention-based pooling for interpretable image recognition},
+  booktitle = {CVPR Workshop on Explainable AI},
+  year      = {2024}
+}
+@article{zhang2024opticam,
+  author  = {Zhang, Hanwei and Torres, Felipe and Sicre, Ronan and Avrithis, Yannis and Ayache, St{\'e}phane},
+  title   = {{Opti-CAM}: Optimizing saliency maps for interpretability},
+  journal = {Computer Vision and Image Understanding},
+  year    = {2024}
+}
+@inproceedings{torres2024gradients,
+  author    = {Torres, Felipe and Zhang, Hanwei and Sicre, Ronan and Avrithis, Yannis and Ayache, St{\'e}phane},
+  title     = {A Learning Paradigm for Interpretable Gradients},
+  booktitle = {International Conference on Computer Vision Theory and Applications (VISAPP)},
+  year      = {2024}
+}"""
+
+# harness dataset -> (Hub dataset id, display name); a registered tag's dataset, by the tag's first part
+DATASETS = {
+    "imagenet-folder": ("imagenet-1k", "ImageNet-1k"),
+    "cub": ("cub-200-2011", "CUB-200-2011"),
+    "voc": ("pascal-voc-2012", "Pascal VOC 2012"),
+    "cifar100": ("cifar100", "CIFAR-100"),
+    "fashion-mnist": ("fashion_mnist", "Fashion-MNIST"),
+    "fashion-mnist-idx": ("fashion_mnist", "Fashion-MNIST"),
+}
+TAG_DATASETS = {"in1k": "imagenet-folder", "c100": "cifar100"}
+
+
+def dataset_names(dataset: str) -> tuple[str, str]:
+    """(Hub dataset id, display name) of a harness dataset."""
+    return DATASETS.get(dataset, (dataset, dataset))
+
+# results.json key -> (model-index metric type, readable name); keys not listed keep their own name
+RECOGNITION = {"top1": ("accuracy", "top-1 accuracy"), "top5": ("top_5_accuracy", "top-5 accuracy"),
+               "mAP": ("mean_average_precision", "mAP")}
+METRICS = {
+    **RECOGNITION,
+    "AD": ("average_drop", "average drop"), "AG": ("average_gain", "average gain"),
+    "AI": ("average_increase", "average increase"), "I": ("insertion", "insertion AUC"),
+    "D": ("deletion", "deletion AUC"), "ADCC": ("adcc", "ADCC"), "OM": ("official_metric", "official metric"),
+    "LE": ("localisation_error", "localisation error"), "F1": ("pixel_f1", "pixel-wise F1"),
+    "BA": ("max_box_accuracy", "MaxBoxAcc"), "SP": ("pointing_game", "pointing game"),
+    "EP": ("energy_pointing_game", "energy pointing game"), "SM": ("saliency_metric", "saliency metric"),
+}
+UNREPORTED = ("seconds_per_image",)  # depends on the machine, not on the checkpoint: kept in the results file only
+
+METHOD_NAMES = {
+    "cam": "CAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "xgradcam": "XGrad-CAM", "axiomcam": "Axiom-CAM",
+    "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM", "layercam": "Layer-CAM", "hirescam": "HiRes-CAM",
+    "opticam": "Opti-CAM", "fakecam": "Fake-CAM", "attention": "built-in attention", "gradient": "gradient",
+    "guided_backprop": "guided backprop", "box": "ground-truth box", "box_complement": "box complement",
+}
+
+FAMILIES = {  # model class -> (tag, what it is, what `saliency` is)
+    zoo.CAStream: ("ca-stream", "A CA-Stream model (thesis ch. 3): a cross-attention stream beside the timm "
+                   "backbone `{backbone}` pools its features in place of global average pooling.",
+                   "the last stage's attention `[B, h, w]`, non-negative, summing to 1 per image; class-agnostic"),
+    zoo.CamClassifier: ("class-activation-map", "A CIFAR network with a built-in class activation map (thesis "
+                        "ch. 4): GAP and a linear classifier after a stride-8 body.",
+                        "the exact CAM of the predicted class `[B, h, w]` (its mean plus the bias is the logit)"),
+}
+
+
+@dataclass
+class Stored:
+    """A results file kept in a card folder."""
+
+    path: str  # relative to the card folder
+    results: dict
+
+    @property
+    def label(self) -> str:
+        return f"ours (measured, `{self.path}`, {self.results['date']})"
+
+    @property
+    def figure(self) -> str:
+        return self.path.removesuffix(".json") + ".png"
+
+
+@dataclass
+class ModelInfo:
+    """What the card says about the model, from its ``config.json`` or, for a registered tag, timm's registry."""
+
+    architecture: str
+    num_classes: int
+    model_args: dict
+    pretrained_cfg: dict
+    registered: bool
+
+    @classmethod
+    def of(cls, folder: Path, name: str) -> "ModelInfo":
+        if (folder / CONFIG_FILE).is_file():
+            config = read_config(folder)
+            return cls(config["architecture"], config["num_classes"], config.get("model_args", {}),
+                       config.get("pretrained_cfg", {}), name in zoo.list_models(pretrained=True))
+        if name not in zoo.list_models(pretrained=True):
+            raise ValueError(f"{name} is not a registered tag and {folder} holds no {CONFIG_FILE} to describe it")
+        cfg = timm.models.get_pretrained_cfg(name).to_dict()
+        return cls(cfg["architecture"], cfg["num_classes"], {}, cfg, True)
+
+    def meta_model(self) -> torch.nn.Module:
+        with torch.device("meta"):
+            return timm.create_model(self.architecture, **{"num_classes": self.num_classes, **self.model_args})
+
+
+def _family(model: torch.nn.Module) -> type:
+    family = next((cls for cls in FAMILIES if isinstance(model, cls)), None)
+    if family is None:
+        raise ValueError(f"{type(model).__name__} is not a zoo model (CA-Stream or CIFAR CAM network): it gives no "
+                         "saliency map for a card to describe")
+    return family
+
+
+def _tag_dataset(name: str) -> str | None:
+    """The dataset a tag's name declares (``in1k``: ImageNet-1k, ``c100...``: CIFAR-100), if any."""
+    return TAG_DATASETS.get(name.partition(".")[2].split("_")[0])
+
+
+def declared_base_model(name: str) -> str | None:
+    """Hub id of the pretrained timm checkpoint a registered tag's notes name as its start, if any."""
+    if name not in zoo.list_models(pretrained=True):
+        return None
+    for word in " ".join(timm.models.get_pretrained_cfg(name).notes or ()).split():
+        source = timm.models.get_pretrained_cfg(word) if "." in word else None
+        if source is not None and source.hf_hub_id:
+            return source.hf_hub_id
+    return None
+
+
+def thesis_rows(name: str, dataset: str) -> tuple[str, list[tuple[str, dict]]]:
+    """The thesis' figures for this kind of model on ``dataset``: (its tables, [(row label, row)]), a row holding
+    recognition values (``top1`` or ``mAP``) and ``methods``; no rows where the thesis reports none."""
+    architecture, _, tag = name.partition(".")
+    if dataset == "imagenet-folder" and architecture in TABLE_3_1:
+        top1, methods = TABLE_3_3[architecture], TABLE_3_1[architecture]
+        return "Tables 3.1 and 3.3", [("GAP baseline", dict(top1=top1["gap_top1"], methods=methods["gap"])),
+                                      ("CA-Stream", dict(top1=top1["top1"], methods=methods["ca"]))]
+    if architecture == "resnet50_castream" and dataset in TABLE_3_2:
+        return "Table 3.2", [("GAP baseline", TABLE_3_2[dataset]["gap"]), ("CA-Stream", TABLE_3_2[dataset]["ca"])]
+    if dataset == "cifar100" and architecture in TABLE_4_1 and tag in ("c100", "c100_gd"):
+        rows = TABLE_4_1[architecture]
+        return "Table 4.1", [("baseline", rows["baseline"]),
+                             (f"gradient denoising, cosine, λ {rows['cosine']['weight']:g}", rows["cosine"])]
+    return "", []
+
+
+def _checked(results: dict, path: Path, architecture: str) -> dict:
+    missing = [key for key in ("protocol", "key", "recognition", "methods") if key not in results]
+    if missing:
+        raise ValueError(f"{path} is not a zoo-eval results file (no {', '.join(missing)})")
+    protocol = results["protocol"]
+    if protocol["model"] != architecture:
+        raise ValueError(f"{path} holds results of {protocol['model']}, not of {architecture}")
+    if protocol["weights"] is None:
+        raise ValueError(f"{path} was measured on a random initialisation, not on trained weights")
+    return results
+
+
+def add_results(folder: Path, paths: list[Path], architecture: str) -> None:
+    """Store results files of ``architecture`` (and the ``examples.png`` beside each) in a card folder.
+
+    A stored file gains a ``date``, the day its source was written (UTC), unless it has one already.
+    """
+    for path in paths:
+        results = _checked(json.loads(Path(path).read_text()), path, architecture)
+        written = datetime.fromtimestamp(Path(path).stat().st_mtime, timezone.utc).date().isoformat()
+        results.setdefault("date", written)
+        target = folder / "results" / f"{results['protocol']['dataset']}-{results['key']}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(results, indent=2) + "\n")
+        figure = Path(path).parent / "examples.png"
+        if figure.is_file():
+            shutil.copyfile(figure, target.with_suffix(".png"))
+
+
+def read_results(folder: Path, architecture: str) -> list[Stored]:
+    """The results files a card folder holds, in name order."""
+    return [Stored(str(path.relative_to(folder)), _checked(json.loads(path.read_text()), path, architecture))
+            for path in sorted((folder / "results").glob("*.json"))]
+
+
+def eval_results(stored: list[Stored]) -> list[EvalResult]:
+    """One model-index entry per number of every results file (timings excepted)."""
+    entries = []
+    for item in stored:
+        protocol = item.results["protocol"]
+        dataset_id, dataset_name = dataset_names(protocol["dataset"])
+        common = dict(task_type="image-classification", dataset_type=dataset_id, dataset_name=dataset_name,
+                      dataset_split=protocol["split"], metric_args={"results": item.path})
+        for key, value in item.results["recognition"].items():
+            kind, name = METRICS.get(key, (key, key))
+            entries.append(EvalResult(**common, metric_type=kind, metric_name=name, metric_value=value))
+        for method, values in item.results["methods"].items():
+            for key, value in values.items():
+                if key not in UNREPORTED:
+                    kind, name = METRICS.get(key, (key, key))
+                    entries.append(EvalResult(**common, metric_type=kind, metric_value=value, metric_config=method,
+                                              metric_name=f"{name} ({METHOD_NAMES.get(method, method)})"))
+    return entries
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _cells(values: dict, columns: list[str]) -> list[str]:
+    return [f"{values[c]:.2f}" if c in values else "-" for c in columns]
+
+
+def _dataset_section(name: str, dataset: str, stored: list[Stored]) -> list[str]:
+    """Recognition and interpretability tables on one dataset: the thesis' rows, then ours."""
+    tables, thesis = thesis_rows(name, dataset)
+    sources = [(f"thesis (paper's figure): {label}", row.get("methods", {}), row) for label, row in thesis]
+    sources += [(item.label, item.results["methods"], item.results["recognition"]) for item in stored]
+    lines = [f"### {dataset_names(dataset)[1]}", ""]
+    if thesis:
+        lines += [f"Rows marked *thesis* are the paper's own figures ({tables} of the thesis), not measured on these "
+                  "weights" + ("; rows marked *ours* come from the results file they name." if stored else "."), ""]
+    columns = [key for key in RECOGNITION if any(key in recognition for _, _, recognition in sources)]
+    lines += _table(["source", *(RECOGNITION[c][1] for c in columns)],
+                    [[label, *_cells(recognition, columns)] for label, _, recognition in sources]) + [""]
+    methods = list(dict.fromkeys(m for _, by_method, _ in sources for m in by_method))
+    for title, spec in COLUMNS.items():
+        present = [(c, arrow) for c, arrow in spec if any(c in values for _, by_method, _ in sources
+                                                           for values in by_method.values())]
+        rows = [[METHOD_NAMES.get(m, m), label, *_cells(by_method[m], [c for c, _ in present])]
+                for m in methods for label, by_method, _ in sources if m in by_method
+                and any(c in by_method[m] for c, _ in present)]
+        if rows:
+            lines += [f"{title.capitalize()} (↑: higher is better, ↓: lower):", ""]
+            lines += _table(["method", "source", *(f"{c}{arrow}" for c, arrow in present)], rows) + [""]
+    return lines
+
+
+def _protocol(item: Stored) -> str:
+    results, protocol = item.results, item.results["protocol"]
+    config = protocol["data_config"]
+    limit = f", the first {protocol['limit']} only" if protocol.get("limit") else ""
+    options = f"; options {json.dumps(protocol['method_options'])}" if protocol.get("method_options") else ""
+    versions = ", ".join(f"{package} {version}" for package, version in results.get("versions", {}).items())
+    dataset = dataset_names(protocol["dataset"])[1]
+    return (f"- `{item.path}` (protocol `{results['key']}`, {results['date']}): {dataset} "
+            f"`{protocol['split']}` split, {results['images']} images{limit}, {results['explanations']} explanations "
+            f"of the {protocol['targets']} class; {config['input_size'][-1]} px ({config['interpolation']}, crop "
+            f"{config['crop_pct']}); methods {', '.join(protocol['methods'])}{options}; insertion/deletion preset "
+            f"`{protocol['curves']}`; weights `{protocol['weights']}`; {versions}.")
+
+
+def card_body(name: str, info: ModelInfo, model: torch.nn.Module, stored: list[Stored], repo_id: str,
+              base_model: str | None) -> str:
+    family = _family(model)
+    _, description, saliency = FAMILIES[family]
+    backbone = model.backbone.pretrained_cfg["architecture"] if family is zoo.CAStream else None
+    cfg = info.pretrained_cfg
+    args = ", ".join(f"{k}={v!r}" for k, v in info.model_args.items() if k not in ("num_classes", "in_chans"))
+    create = f"\"{name}\"" if info.registered and repo_id == hub_id(name) else f"\"hf-hub:{repo_id}\""
+    lines = [f"# {name}", "", description.format(backbone=backbone) + " One forward pass gives the logits and a "
+             "saliency map. Part of interpretable-zoo, the reference implementation of F. Torres Figueroa's PhD "
+             "thesis (2024).", "", "## Model details", "",
+             f"- **Architecture:** `{info.architecture}`" + (f" ({args})" if args else "")
+             + f", {parameter_count(model) / 1e6:.2f} M parameters, {info.num_classes} classes",
+             f"- **Input:** {cfg.get('input_size', (3, 224, 224))[-1]} px, {cfg.get('interpolation', 'bicubic')} "
+             f"resize, crop {cfg.get('crop_pct', 0.875)}, mean {tuple(cfg.get('mean', ()))}, "
+             f"std {tuple(cfg.get('std', ()))}"]
+    if base_model:
+        lines.append(f"- **Starts from:** [{base_model}](https://huggingface.co/{base_model})")
+    if info.registered and cfg.get("notes"):
+        lines.append(f"- **Training:** {'; '.join(cfg['notes'])}")
+    lines += ["- **Weights:** `model.safetensors` only (no pickled weights); `config.json` in timm's format records "
+              "its SHA-256", "", "## Usage", "", "```python", "import timm", "",
+              "import zoo  # registers the zoo's architectures with timm", "",
+              f"model = timm.create_model({create}, pretrained=True).eval()",
+              "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))",
+              "logits, saliency = model(transform(image).unsqueeze(0))  # image: a PIL image", "```", "",
+              f"`saliency`: {saliency}. Post-hoc maps: `evaluation.saliency.explain(model, images, \"gradcam\")`.",
+              "", "## Results", ""]
+    datasets = list(dict.fromkeys(item.results["protocol"]["dataset"] for item in stored))
+    if not stored:
+        lines += ["**No results yet**: no evaluation of these weights has been run with the zoo's harness "
+                  "(`zoo-eval`), so this card reports no measured number.", ""]
+        declared = _tag_dataset(name)
+        if declared and thesis_rows(name, declared)[1]:
+            lines += ["For reference, what the thesis reports for this kind of model:", "",
+                      *_dataset_section(name, declared, [])]
+    for dataset in datasets:
+        lines += _dataset_section(name, dataset, [item for item in stored if item.results["protocol"]["dataset"]
+                                                  == dataset])
+    if stored:
+        lines += ["### Protocol", "", "Measured with `zoo-eval` (see evaluation/README.md for every metric's "
+                  "definition); timings are in the results files.", "", *map(_protocol, stored), "",
+                  "### Example saliency maps", ""]
+        lines += [f"![{item.results['protocol']['dataset']}: {', '.join(item.results['protocol']['methods'])}]"
+                  f"({item.figure})" for item in stored] + [""]
+    lines += ["## Limitations", "",
+              "- The thesis' figures come from the authors' own runs (full validation sets, their code); compare "
+              "measured numbers with them only where the protocol matches theirs (dataset, split, image count, "
+              "insertion/deletion preset).",
+              "- AD, AG, AI, insertion and deletion measure how the model's confidence reacts when the image is "
+              "masked by the map: faithfulness to the model, not correctness of the explanation. A near-constant "
+              "map (Fake-CAM) already scores well on AD and AI, and deletion feeds out-of-distribution images.",
+              "- Trained on one dataset's label set and images, with their biases; not assessed for robustness or "
+              "fairness, and not meant for decisions about people.", ""]
+    if family is zoo.CAStream:
+        lines.insert(-1, "- The built-in attention is class-agnostic: every class of an image gets the same map, "
+                         "which says less on multi-label images.")
+    lines += ["## Citation", "", "```bibtex", BIBTEX, "```", ""]
+    return "\n".join(lines)
+
+
+def _merged(data: ModelCardData, existing: ModelCard | None) -> ModelCardData:
+    """``data`` over the existing card's front matter: its other keys and tags stay, its model-index goes."""
+    if existing is None:
+        return data
+    old, new = existing.data.to_dict(), data.to_dict()
+    old.pop("model-index", None)
+    tags = list(dict.fromkeys([*new.get("tags", []), *old.get("tags", [])]))
+    return ModelCardData(**{**old, **new, "tags": tags})
+
+
+def write_card(folder: Path, name: str, repo_id: str | None = None, base_model: str | None = None,
+               existing: ModelCard | None = None) -> ModelCard:
+    """Write ``folder/README.md`` from the folder's results (and ``config.json``) for checkpoint ``name``.
+
+    ``existing``: the card to update (default: ``folder/README.md`` if there is one); its front matter is kept
+    but for what the generator writes, and its ``base_model`` is kept unless another is given.
+    """
+    folder = Path(folder)
+    if existing is None and (folder / "README.md").is_file():
+        existing = ModelCard.load(folder / "README.md")
+    info = ModelInfo.of(folder, name)
+    model = info.meta_model()
+    stored = read_results(folder, info.architecture)
+    base_model = base_model or declared_base_model(name)
+    datasets = [item.results["protocol"]["dataset"] for item in stored] or [_tag_dataset(name)]
+    entries = eval_results(stored)
+    data = ModelCardData(
+        library_name="timm", license=info.pretrained_cfg.get("license", "apache-2.0"),
+        tags=["image-classification", "timm", "interpretability", "saliency", FAMILIES[_family(model)][0],
+              "interpretable-zoo"],
+        datasets=list(dict.fromkeys(dataset_names(d)[0] for d in datasets if d)) or None, base_model=base_model,
+        pipeline_tag="image-classification", model_name=name if entries else None, eval_results=entries or None,
+    )
+    body = card_body(name, info, model, stored, repo_id or hub_id(name), base_model)
+    card = ModelCard(f"---\n{_merged(data, existing).to_yaml()}\n---\n\n{body}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.md").write_text(str(card))
+    return card
+
+
+def regenerate(root: Path = CARDS_DIR) -> list[Path]:
+    """Rewrite every card under ``root``: one per registered tag (``no results yet`` where there are none) and
+    one per other folder there. Returns the card folders."""
+    names = set(zoo.list_models(pretrained=True)) | {p.name for p in root.glob("*") if p.is_dir()}
+    for name in sorted(names):
+        write_card(root / name, name)
+    return [root / name for name in sorted(names)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="zoo-card", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", nargs="?", help="the checkpoint, <arch>.<tag> (e.g. resnet50_castream.in1k)")
+    parser.add_argument("--results", nargs="+", type=Path, default=[], help="zoo-eval results.json files to add")
+    parser.add_argument("--all", action="store_true", help="regenerate every card")
+    parser.add_argument("--root", type=Path, default=CARDS_DIR, help="the cards' folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.all == bool(args.name):
+        parser.error("give a checkpoint name or --all")
+    if args.all:
+        if args.results:
+            parser.error("--results goes with a checkpoint name")
+        print(f"regenerated {len(regenerate(args.root))} cards in {args.root}")
+        return
+    folder = args.root / args.name
+    add_results(folder, args.results, ModelInfo.of(folder, args.name).architecture)
+    write_card(folder, args.name)
+    print(f"card in {folder / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,11 @@
-# The two set-up commands of the README: `make demo` (the main job) and `make test` (the whole suite).
+# The two set-up commands of the README: `make demo` (the main job: the end-to-end demo) and `make test`.
 # Each creates the virtual environment on first use and installs what it needs into it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-OUT ?= results/quicklook
+OUT ?= results/demo
 
-.PHONY: demo test benchmark clean
+.PHONY: demo quicklook test benchmark clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m zoo.quicklook --out $(OUT)
+	$(BIN)/python -m evaluation.demo --out $(OUT)
+
+quicklook: $(BIN)/.installed
+	$(BIN)/python -m zoo.quicklook --out results/quicklook
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -104,6 +104,8 @@ FAMILIES = {  # model class -> (tag, what it is, what `saliency` is)
     zoo.CamClassifier: ("class-activation-map", "A CIFAR network with a built-in class activation map (thesis "
                         "ch. 4): GAP and a linear classifier after a stride-8 body.",
                         "the exact CAM of the predicted class `[B, h, w]` (its mean plus the bias is the logit)"),
+    torch.nn.Module: ("gap-baseline", "A timm classifier with global average pooling (`{backbone}`): the GAP "
+                      "baseline the zoo's interpretable models are measured against.", None),
 }
 
 
@@ -150,11 +152,8 @@ class ModelInfo:
 
 
 def _family(model: torch.nn.Module) -> type:
-    family = next((cls for cls in FAMILIES if isinstance(model, cls)), None)
-    if family is None:
-        raise ValueError(f"{type(model).__name__} is not a zoo model (CA-Stream or CIFAR CAM network): it gives no "
-                         "saliency map for a card to describe")
-    return family
+    """The entry of ``FAMILIES`` that describes ``model``: a zoo family, else a plain classifier (a GAP baseline)."""
+    return next(cls for cls in FAMILIES if isinstance(model, cls))
 
 
 def _tag_dataset(name: str) -> str | None:
@@ -296,13 +295,17 @@ def card_body(name: str, info: ModelInfo, model: torch.nn.Module, stored: list[S
               base_model: str | None) -> str:
     family = _family(model)
     _, description, saliency = FAMILIES[family]
-    backbone = model.backbone.pretrained_cfg["architecture"] if family is zoo.CAStream else None
+    backbone = model.backbone.pretrained_cfg["architecture"] if family is zoo.CAStream else info.architecture
+    forward = ("logits = model(transform(image).unsqueeze(0))  # image: a PIL image" if saliency is None else
+               "logits, saliency = model(transform(image).unsqueeze(0))  # image: a PIL image")
+    explained = (f"`saliency`: {saliency}. Post-hoc maps" if saliency else "No built-in saliency: post-hoc maps")
     cfg = info.pretrained_cfg
     args = ", ".join(f"{k}={v!r}" for k, v in info.model_args.items() if k not in ("num_classes", "in_chans"))
     create = f"\"{name}\"" if info.registered and repo_id == hub_id(name) else f"\"hf-hub:{repo_id}\""
-    lines = [f"# {name}", "", description.format(backbone=backbone) + " One forward pass gives the logits and a "
-             "saliency map. Part of interpretable-zoo, the reference implementation of F. Torres Figueroa's PhD "
-             "thesis (2024).", "", "## Model details", "",
+    lines = [f"# {name}", "", description.format(backbone=backbone)
+             + (" One forward pass gives the logits and a saliency map." if saliency else "")
+             + " Part of interpretable-zoo, the reference implementation of F. Torres Figueroa's PhD thesis (2024).",
+             "", "## Model details", "",
              f"- **Architecture:** `{info.architecture}`" + (f" ({args})" if args else "")
              + f", {parameter_count(model) / 1e6:.2f} M parameters, {info.num_classes} classes",
              f"- **Input:** {cfg.get('input_size', (3, 224, 224))[-1]} px, {cfg.get('interpolation', 'bicubic')} "
@@ -317,8 +320,8 @@ def card_body(name: str, info: ModelInfo, model: torch.nn.Module, stored: list[S
               "import zoo  # registers the zoo's architectures with timm", "",
               f"model = timm.create_model({create}, pretrained=True).eval()",
               "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))",
-              "logits, saliency = model(transform(image).unsqueeze(0))  # image: a PIL image", "```", "",
-              f"`saliency`: {saliency}. Post-hoc maps: `evaluation.saliency.explain(model, images, \"gradcam\")`.",
+              forward, "```", "",
+              f"{explained}: `evaluation.saliency.explain(model, images, \"gradcam\")`.",
               "", "## Results", ""]
     datasets = list(dict.fromkeys(item.results["protocol"]["dataset"] for item in stored))
     if not stored:

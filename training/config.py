@@ -39,6 +39,7 @@ class Recipe:
     val_split: str | None = None  # default: the dataset's other split
     dataset_options: dict = field(default_factory=dict)
     image_size: int | None = None  # default: the model's data config
+    data_config: dict = field(default_factory=dict)  # other overrides of it, e.g. {"crop_pct": 1.0}
     augmentation: str = "imagenet"
     objective: str = "classification"
     gd_error: str = "cosine"  # gradient denoising (thesis ch. 4): error function E, eq. 4.5-4.8

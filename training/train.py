@@ -270,7 +270,9 @@ def train(recipe: Recipe, overwrite: bool = False, cpu: bool = False) -> Path:
     train_set, val_set, classes = build_datasets(recipe)
     set_seed(recipe.seed)
     model = build_model(recipe, len(classes))  # same seed: identical on every process
-    overrides = {} if recipe.image_size is None else dict(input_size=(3, recipe.image_size, recipe.image_size))
+    overrides = dict(recipe.data_config)
+    if recipe.image_size is not None:
+        overrides["input_size"] = (3, recipe.image_size, recipe.image_size)
     data_config = resolve_data_config(overrides, model=model)
     train_loader, val_loader = build_loaders(recipe, train_set, val_set, data_config, recipe.batch_size // share)
     resume_from = run.prepare(accelerator)  # once the recipe has proved it can start

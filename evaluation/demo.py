@@ -1,0 +1,323 @@
+"""The whole product on real images, offline, on a laptop CPU: ``make demo`` (or ``zoo-demo``).
+
+    zoo-demo [--out results/demo] [--quick]
+
+Data -> GAP baseline -> CA-Stream -> gradient denoising -> evaluation -> model cards -> reload through timm
+-> figures, on Fashion-MNIST (the Debian package ``dataset-fashion-mnist``, installed with apt when it is
+missing and apt is at hand; torchvision's download otherwise):
+
+1. a ResNet-18 of quarter width with GAP (dilated last stage: output stride 16, so a 6x6 last map at 96 px) is
+   trained from scratch on single-item canvases (``fashion-canvas``: an item among clutter, exact box), then a
+   CA-Stream is trained on top of it, backbone frozen, with the training recipes' loop;
+2. ``resnet18_cifar`` (quarter width) is trained on Fashion-MNIST at 32 px without and with gradient denoising
+   (cosine, lambda 7.5e-3, thesis ch. 4);
+3. the harness evaluates each: accuracy; AD / AG / AI / insertion / deletion for Grad-CAM, Grad-CAM++,
+   Score-CAM, Opti-CAM, Fake-CAM and the built-in saliency; on the canvases also the pointing games and box
+   metrics, against the chance level of a box of that size;
+4. each checkpoint gets its Hub folder and model card (``zoo-publish --dry-run``), is loaded back with
+   ``timm.create_model("local-dir:...", pretrained=True)`` and must give identical logits and saliency;
+5. ``summary.md`` / ``summary.json`` and the figures ``saliency_gap_vs_castream.png``,
+   ``saliency_baseline_vs_denoised.png`` and ``metrics.png`` are written into ``--out``.
+
+Every stage is resumable: a finished training run or evaluation in ``--out`` is reused, never redone or
+overwritten. ``--quick`` runs a much smaller version of the same pipeline (for the tests).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+import zoo  # noqa: E402, F401
+from training.config import Recipe  # noqa: E402
+from training.train import train  # noqa: E402
+from zoo.data import FASHION_MNIST_DEBIAN_DIR, build_dataset  # noqa: E402
+from zoo.data.transforms import eval_transform  # noqa: E402
+from zoo.hub import hub_id, read_config  # noqa: E402
+
+from . import publish  # noqa: E402
+from .harness import Protocol, run  # noqa: E402
+from .saliency import explain  # noqa: E402
+
+__all__ = ["SCALES", "Scale", "main"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much the demo trains and evaluates."""
+
+    canvas: int  # canvas side, px
+    train_images: int  # canvases (and Fashion-MNIST images for the CIFAR models) per training epoch
+    epochs_gap: int
+    epochs_stream: int
+    epochs_cifar: int
+    eval_images: int  # test images each model is evaluated on
+    opticam_iterations: int
+    batch_size: int = 32
+
+
+SCALES = {
+    "full": Scale(canvas=96, train_images=6000, epochs_gap=8, epochs_stream=3, epochs_cifar=4, eval_images=96,
+                  opticam_iterations=100),
+    "quick": Scale(canvas=64, train_images=256, epochs_gap=1, epochs_stream=1, epochs_cifar=1, eval_images=8,
+                   opticam_iterations=5, batch_size=16),
+}
+CAM_METHODS = ["gradcam", "gradcampp", "scorecam", "opticam", "fakecam"]
+GAP_BACKBONE = {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 16}  # ResNet-18 at 1/4 width
+CIFAR_WIDTHS = {"widths": [16, 32, 64, 128]}  # resnet18_cifar at a quarter of its width
+GD_WEIGHT = 7.5e-3  # the thesis' lambda for ResNet-18 (Table 4.1)
+SHOWN = 6  # images per figure
+
+
+def fashion_mnist(folder: Path | None) -> tuple[str, dict]:
+    """(root, canvas options) of Fashion-MNIST: ``folder`` of idx files if given, else the Debian package's files,
+    installed with apt when missing and possible, else torchvision's copy, downloaded once into ``data/``."""
+    if folder is not None:
+        return str(folder), {"source": "idx"}
+    if not (FASHION_MNIST_DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz").exists() and shutil.which("apt-get"):
+        command = ["apt-get", "install", "-y", "dataset-fashion-mnist"]
+        if os.geteuid() != 0 and shutil.which("sudo"):
+            command = ["sudo", "-n", *command]
+        print(f"Fashion-MNIST is missing: {' '.join(command)}")
+        subprocess.run(command, check=False)
+    if (FASHION_MNIST_DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz").exists():
+        return str(FASHION_MNIST_DEBIAN_DIR), {"source": "idx"}
+    print("Fashion-MNIST through torchvision (downloaded into data/ once)")
+    build_dataset("fashion-mnist", "data", "train", download=True)
+    build_dataset("fashion-mnist", "data", "test", download=True)
+    return "data", {"source": "torchvision"}
+
+
+def train_stage(out: Path, name: str, **settings) -> Path:
+    """Train one recipe into ``out/runs/<name>`` (a finished run there is reused); its model folder."""
+    recipe = Recipe(name=name, output_dir=str(out / "runs" / name), workers=0, **settings)
+    status = out / "runs" / name / "status.json"
+    if status.exists() and json.loads(status.read_text())["state"] == "finished":
+        print(f"{name}: reusing the finished run in {status.parent}")
+        return status.parent / "model"
+    print(f"\n== training {name}")
+    return train(recipe)
+
+
+def evaluate_stage(out: Path, model_dir: Path, dataset: str, root: str, options: dict, scale: Scale,
+                   methods: list[str], metrics: list[str]) -> Path:
+    """Evaluate a trained model with the harness on the test split; the results.json path."""
+    config = read_config(model_dir)
+    protocol = Protocol(
+        model=config["architecture"], weights=str(model_dir.resolve()), num_classes=config["num_classes"],
+        dataset=dataset, data_root=root, split="test", limit=scale.eval_images, methods=methods,
+        method_options={"opticam": {"iterations": scale.opticam_iterations}}, metrics=metrics,
+        batch_size=scale.batch_size, dataset_options=options,
+        model_args={k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"},
+        data_config={k: config["pretrained_cfg"][k] for k in ("input_size", "interpolation", "crop_pct", "mean",
+                                                               "std")},
+    )
+    print(f"\n== evaluating {model_dir.parent.name} on {dataset}: {', '.join(methods)}")
+    dataset_object = build_dataset(dataset, root, "test", **options)
+    return run(protocol, dataset_object, out / "eval", Accelerator()) / "results.json"
+
+
+def publish_and_reload(out: Path, model_dir: Path, results: Path, dataset: str, root: str, options: dict) -> dict:
+    """Hub folder and card (dry run), then the checkpoint loaded back through timm: identical outputs or an error."""
+    config = read_config(model_dir)
+    name = f"{config['architecture']}.fmnist_demo_{model_dir.parent.name}"
+    hub_dir = out / "hub" / name
+    if not hub_dir.exists():
+        publish.main([str(model_dir), hub_id(name), "--results", str(results), "--out", str(hub_dir), "--dry-run"])
+    reloaded, saved = (timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+                       for folder in (hub_dir, model_dir))
+    images, _ = batch_of(dataset, root, options, config, SHOWN)
+    with torch.no_grad():
+        identical = all(torch.equal(a, b) for a, b in zip(reloaded(images), saved(images), strict=True))
+    if not identical:
+        raise RuntimeError(f"{hub_dir} loaded through timm gives other outputs than {model_dir}")
+    return {"hub_folder": str(hub_dir), "card": str(hub_dir / "README.md"), "reloaded_identical": identical}
+
+
+def batch_of(dataset: str, root: str, options: dict, config: dict, count: int):
+    """The first ``count`` test images, preprocessed with the checkpoint's data config, and their targets."""
+    data = build_dataset(dataset, root, "test", eval_transform(config["pretrained_cfg"]), **options)
+    samples = [data[i] for i in range(count)]
+    return torch.stack([image for image, _ in samples]), [target for _, target in samples]
+
+
+def shown_pixels(images: torch.Tensor, config: dict) -> torch.Tensor:
+    """Preprocessed images back in [0, 1], [B, H, W, 3], for display."""
+    mean, std = (torch.tensor(config["pretrained_cfg"][k])[:, None, None] for k in ("mean", "std"))
+    return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def saliency_grid(columns: dict[str, tuple[Path, str]], dataset: str, root: str, options: dict, path: Path,
+                  title: str) -> None:
+    """One row per test image: the image (with its box), then each column's map (model folder, method)."""
+    first = read_config(next(iter(columns.values()))[0])
+    images, targets = batch_of(dataset, root, options, first, SHOWN)
+    shown = shown_pixels(images, first)
+    fig, axes = plt.subplots(SHOWN, len(columns) + 1, figsize=(1.9 * (len(columns) + 1), 1.9 * SHOWN), squeeze=False)
+    maps = {}
+    for heading, (model_dir, method) in columns.items():
+        model = timm.create_model(f"local-dir:{model_dir}", pretrained=True).eval()
+        maps[heading] = explain(model, images, method)
+    for row, (image, target) in enumerate(zip(shown, targets, strict=True)):
+        axes[row, 0].imshow(image)
+        for x1, y1, x2, y2 in target["boxes"].tolist():
+            axes[row, 0].add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, color="lime"))
+        for column, heading in enumerate(maps, start=1):
+            axes[row, column].imshow(image)
+            axes[row, column].imshow(maps[heading][row].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    for column, heading in enumerate(["image", *maps]):
+        axes[0, column].set_title(heading, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def metrics_chart(models: dict[str, dict], path: Path) -> None:
+    """AD, AG, insertion and deletion of every method of every model, as grouped bars."""
+    metrics = [("AD", "AD (lower is better)"), ("AG", "AG (higher)"), ("I", "insertion (higher)"),
+               ("D", "deletion (lower)")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4), squeeze=False)
+    labels = [f"{model}\n{method}" for model, entry in models.items() for method in entry["methods"]]
+    for ax, (key, title) in zip(axes[0], metrics, strict=True):
+        values = [entry["methods"][method].get(key, float("nan")) for entry in models.values()
+                  for method in entry["methods"]]
+        colors = [f"C{i}" for i, entry in enumerate(models.values()) for _ in entry["methods"]]
+        ax.barh(range(len(values)), values, color=colors)
+        ax.set_yticks(range(len(values)), labels if ax is axes[0][0] else [""] * len(values), fontsize=6)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def chance_pointing(dataset: str, root: str, options: dict, count: int) -> float:
+    """Pointing-game chance level (%): the mean share of the image its ground-truth box covers, i.e. the hit rate
+    of a point drawn uniformly at random."""
+    data = build_dataset(dataset, root, "test", **options)
+    shares = []
+    for index in range(count):
+        image, target = data.load(index)
+        width, height = image.size
+        x1, y1, x2, y2 = target["boxes"][0].tolist()
+        shares.append((x2 - x1) * (y2 - y1) / (width * height))
+    return 100 * sum(shares) / len(shares)
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# interpretable-zoo demo ({summary['scale']} run)", "",
+             f"{summary['machine']}; {summary['minutes']:.1f} minutes. Every number below is copied from the "
+             "results file named with it (ours, measured; no figure of the thesis here).", ""]
+    for model, entry in summary["models"].items():
+        recognition = ", ".join(f"{k} {v:.2f}" for k, v in entry["recognition"].items())
+        lines += [f"## {model}", "", f"{entry['description']}. Test images: {entry['images']}; {recognition}. "
+                  f"Results: `{entry['results']}`. Hub folder: `{entry['hub_folder']}` (reloaded through timm: "
+                  f"{'identical outputs' if entry['reloaded_identical'] else 'DIFFERENT outputs'}).", ""]
+        columns = [c for c in ("AD", "AG", "AI", "I", "D", "SP", "EP", "BA") if any(
+            c in m for m in entry["methods"].values())]
+        lines += ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {method} | " + " | ".join(f"{values[c]:.2f}" if c in values else "-" for c in columns) + " |"
+                  for method, values in entry["methods"].items()]
+        lines.append("")
+    if "pointing_chance" in summary:
+        lines += [f"Pointing-game chance level on these canvases (mean share of the image covered by the box): "
+                  f"{summary['pointing_chance']:.2f} %.", ""]
+    lines += ["Figures: " + ", ".join(f"`{name}`" for name in summary["figures"]), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="zoo-demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("results/demo"))
+    parser.add_argument("--quick", action="store_true", help="a much smaller run of the same pipeline (~1 min)")
+    parser.add_argument("--data", type=Path, help="a folder of Fashion-MNIST idx files (default: the Debian package's)")
+    args = parser.parse_args(argv)
+    scale_name = "quick" if args.quick else "full"
+    scale = SCALES[scale_name]
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    root, source = fashion_mnist(args.data)
+    canvas = {**source, "size": scale.canvas}
+    plain = "fashion-mnist-idx" if source["source"] == "idx" else "fashion-mnist"
+    common = dict(batch_size=scale.batch_size, limit=scale.train_images, checkpoint_every=0, lr=0.05,
+                  milestones=[], data_config={"crop_pct": 1.0})
+    at_canvas = dict(dataset="fashion-canvas", data_root=root, dataset_options=canvas, val_split="test",
+                     augmentation="cifar", image_size=scale.canvas)
+    gap = train_stage(out, "gap", model="resnet18", model_args=GAP_BACKBONE, **at_canvas,
+                      epochs=scale.epochs_gap, weight_decay=1e-4, **common)
+    stream = train_stage(out, "castream", model="resnet18_castream", model_args=GAP_BACKBONE, weights=str(gap),
+                         freeze_backbone=True, **at_canvas, epochs=scale.epochs_stream, weight_decay=1e-4,
+                         **{**common, "lr": 0.1})
+    cifar = dict(model="resnet18_cifar", model_args=CIFAR_WIDTHS, dataset=plain, data_root=root, val_split="test",
+                 augmentation="cifar", epochs=scale.epochs_cifar, weight_decay=5e-4, objective="gradient_denoising",
+                 **common)
+    baseline = train_stage(out, "cifar_baseline", gd_weight=0.0, **cifar)
+    denoised = train_stage(out, "cifar_denoised", gd_weight=GD_WEIGHT, **cifar)
+
+    canvas_metrics = ["faithfulness", "curves", "localisation"]
+    evaluated = {
+        "gap": (gap, "fashion-canvas", canvas, CAM_METHODS, canvas_metrics,
+                "ResNet-18 (quarter width, output stride 16) with GAP, trained on the canvases"),
+        "castream": (stream, "fashion-canvas", canvas, [*CAM_METHODS, "attention"], canvas_metrics,
+                     "CA-Stream on the frozen GAP model above, built-in saliency: the last stage's attention"),
+        "cifar_baseline": (baseline, plain, {}, [*CAM_METHODS, "attention"], ["faithfulness", "curves"],
+                           "resnet18_cifar (quarter width), cross-entropy only, Fashion-MNIST at 32 px"),
+        "cifar_denoised": (denoised, plain, {}, [*CAM_METHODS, "attention"], ["faithfulness", "curves"],
+                           f"the same with gradient denoising (cosine, lambda {GD_WEIGHT})"),
+    }
+    models = {}
+    for name, (model_dir, dataset, options, methods, metrics, description) in evaluated.items():
+        results = evaluate_stage(out, model_dir, dataset, root, options, scale, methods, metrics)
+        numbers = json.loads(results.read_text())
+        models[name] = {"description": description, "results": str(results), "images": numbers["images"],
+                        "recognition": numbers["recognition"],
+                        "methods": {method: {k: v for k, v in values.items() if k != "seconds_per_image"}
+                                    for method, values in numbers["methods"].items()},
+                        **publish_and_reload(out, model_dir, results, dataset, root, options)}
+
+    print("\n== figures")
+    saliency_grid({"GAP: Grad-CAM": (gap, "gradcam"), "CA-Stream: Grad-CAM": (stream, "gradcam"),
+                   "CA-Stream: attention": (stream, "attention")}, "fashion-canvas", root, canvas,
+                  out / "saliency_gap_vs_castream.png", "GAP vs CA-Stream on test canvases (ground-truth box in green)")
+    saliency_grid({"baseline: Grad-CAM": (baseline, "gradcam"), "denoised: Grad-CAM": (denoised, "gradcam"),
+                   "baseline: gradient": (baseline, "gradient"), "denoised: gradient": (denoised, "gradient")},
+                  plain, root, {}, out / "saliency_baseline_vs_denoised.png",
+                  "resnet18_cifar without and with gradient denoising (Fashion-MNIST test images)")
+    metrics_chart(models, out / "metrics.png")
+    summary = {"scale": scale_name, "settings": scale.__dict__, "machine": _machine(),
+               "minutes": (time.perf_counter() - start) / 60,
+               "pointing_chance": chance_pointing("fashion-canvas", root, canvas, scale.eval_images),
+               "models": models,
+               "figures": ["saliency_gap_vs_castream.png", "saliency_baseline_vs_denoised.png", "metrics.png"]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(markdown(summary))
+    print(markdown(summary))
+    print(f"summary: {out / 'summary.md'} (and summary.json, {', '.join(summary['figures'])})")
+
+
+def _machine() -> str:
+    device = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
+    return f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()

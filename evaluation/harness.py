@@ -87,6 +87,8 @@ class Protocol:
     batch_size: int = 16
     data_config: dict = field(default_factory=dict)
     seed: int = 0  # of a random initialisation, so that every process and every resumed run has the same model
+    dataset_options: dict = field(default_factory=dict)  # passed to the dataset reader (e.g. a canvas's size)
+    model_args: dict = field(default_factory=dict)  # passed to timm.create_model (e.g. a narrower backbone)
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -295,7 +297,8 @@ def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, worker
             print(f"{run_dir} already holds the results of this protocol; nothing to do")
         return run_dir
     torch.manual_seed(protocol.seed)
-    model = load_model(protocol.model, protocol.weights, protocol.num_classes).to(accelerator.device).eval()
+    model = load_model(protocol.model, protocol.weights, protocol.num_classes, **protocol.model_args)
+    model = model.to(accelerator.device).eval()
     dataset.transforms = eval_transform(protocol.data_config)
     count = len(dataset) if protocol.limit is None else min(protocol.limit, len(dataset))
     batches = [list(range(start, min(start + protocol.batch_size, count)))

@@ -213,34 +213,54 @@ COLUMNS = {  # the thesis' table columns: name, better when (lower/higher), head
 }
 
 
-def comparison(results: list[dict]) -> str:
-    """Several runs side by side, grouped by method as the thesis' Tables 3.1 and 4.1 set GAP against
-    CA-Stream or a baseline against gradient denoising: one row per (method, run)."""
+PER_BATCH = 8  # the thesis' T: seconds per batch of 8 images (Tables 2.1, 2.2)
+
+
+def _cell(values: dict | None, name: str) -> str:
+    if values is None or (name != "T" and name not in values):
+        return "-"
+    return f"{PER_BATCH * values['seconds_per_image'] if name == 'T' else values[name]:.2f}"
+
+
+def comparison(results: list[dict], by_model: bool = False) -> str:
+    """Several runs side by side. By default grouped by method, as the thesis' Tables 3.1 and 4.1 set GAP
+    against CA-Stream or a baseline against gradient denoising: one row per (method, run). ``by_model``:
+    as Tables 2.2, 2.4 and 2.7 set ViT-B beside DeiT-B: one row per method, one column group per run (the
+    faithfulness group with T, seconds per batch of 8 images)."""
     lines = []
+    methods = dict.fromkeys(method for result in results for method in result["methods"])
     for title, columns in COLUMNS.items():
         present = [(name, arrow) for name, arrow in columns
                    if any(name in values for result in results for values in result["methods"].values())]
         if not present:
             continue
-        lines += ["", f"## {title.capitalize()}", "",
-                  "| method | model | " + " | ".join(f"{name}{arrow}" for name, arrow in present) + " |",
+        lines += ["", f"## {title.capitalize()}", ""]
+        if by_model:
+            group = present + [("T", "")] * (title == "faithfulness")
+            lines += ["| method | " + " | ".join(f"{result['protocol']['model']} {name}{arrow}" for result in results
+                                                for name, arrow in group) + " |",
+                      "|---" * (len(group) * len(results) + 1) + "|"]
+            lines += [f"| {method} | " + " | ".join(_cell(result["methods"].get(method), name) for result in results
+                                                    for name, _ in group) + " |" for method in methods]
+            continue
+        lines += ["| method | model | " + " | ".join(f"{name}{arrow}" for name, arrow in present) + " |",
                   "|---" * (len(present) + 2) + "|"]
-        methods = dict.fromkeys(method for result in results for method in result["methods"])
         for method in methods:
             for result in results:
                 if method in result["methods"]:
-                    values = result["methods"][method]
-                    cells = [f"{values[name]:.2f}" if name in values else "-" for name, _ in present]
+                    cells = [_cell(result["methods"][method], name) for name, _ in present]
                     lines.append(f"| {method} | {result['protocol']['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def compare_main(argv: list[str] | None = None) -> None:
-    """``zoo-eval-table RESULTS.json ...``: print runs side by side (e.g. GAP vs CA-Stream)."""
+    """``zoo-eval-table RESULTS.json ...``: print runs side by side (e.g. GAP vs CA-Stream; with
+    ``--by-model``, ViT-B vs DeiT-B as Tables 2.2 and 2.7)."""
     parser = argparse.ArgumentParser(prog="zoo-eval-table", description=comparison.__doc__)
     parser.add_argument("results", nargs="+", type=Path, help="results.json files written by zoo-eval")
+    parser.add_argument("--by-model", action="store_true", help="one row per method, one column group per run")
     args = parser.parse_args(argv)
-    print(comparison([json.loads(path.read_text()) for path in args.results]))
+    print(comparison([json.loads(path.read_text()) for path in args.results], args.by_model))
 
 
 def markdown(summary: dict, protocol: Protocol) -> str:

@@ -1,7 +1,7 @@
 """Saliency methods on one shared mechanism: ``explain(model, images, method, targets=None, layer=None,
 **options)`` returns maps ``[B, H, W]`` in [0, 1]; ``METHODS`` maps every method name to its function."""
 
-from . import cam, gradients, opticam  # noqa: F401  (registers the methods)
+from . import cam, gradients, opticam, transformer  # noqa: F401  (registers the methods)
 from .core import METHODS, Explainer, default_layer, explain, mask_images, pixel_statistics, saliency_method
 
 __all__ = ["METHODS", "Explainer", "default_layer", "explain", "mask_images", "pixel_statistics", "saliency_method"]

@@ -18,6 +18,8 @@ from torch import nn
 
 from zoo import CAStream, ModelOutput
 
+from .tokens import layer_layout, patch_grid
+
 __all__ = ["METHODS", "Explainer", "default_layer", "explain", "mask_images", "pixel_statistics", "saliency_method"]
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {}
@@ -42,16 +44,25 @@ def logits_of(output) -> torch.Tensor:
     return output
 
 
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The network whose layers are explained: a CA-Stream model's backbone, any other model itself."""
+    return model.backbone if isinstance(model, CAStream) else model
+
+
 def default_layer(model: nn.Module) -> nn.Module:
-    """The layer CAM methods explain by default: a ResNet's last block, a ConvNeXt's last stage,
-    any timm model's last feature stage; for a CA-Stream model, that layer of its backbone."""
-    net = model.backbone if isinstance(model, CAStream) else model
+    """The layer CAM methods explain by default (thesis §2.5.1): a ResNet's last block, a ViT / DeiT's last
+    block's first norm (``blocks[-1].norm1``), a VGG's last convolution before the last max-pool (its
+    rectified output), a ConvNeXt's last stage, any timm model's last feature stage; for a CA-Stream model,
+    that layer of its backbone."""
+    net = backbone_of(model)
     if hasattr(net, "layer4"):  # timm and torchvision ResNets
         return net.layer4[-1]
+    if hasattr(net, "patch_embed") and hasattr(net, "blocks") and hasattr(net.blocks[-1], "norm1"):  # timm ViTs
+        return net.blocks[-1].norm1
     if hasattr(net, "stages"):  # timm ConvNeXt and other staged timm models
         return net.stages[-1]
-    if hasattr(net, "features") and isinstance(net.features, nn.Sequential):  # torchvision ConvNeXt, VGG, ...
-        return net.features[-1]
+    if hasattr(net, "features") and isinstance(net.features, nn.Sequential):  # VGG, torchvision ConvNeXt, ...
+        return net.features[-2] if isinstance(net.features[-1], nn.MaxPool2d) else net.features[-1]
     feature_info = getattr(net, "feature_info", None)
     if feature_info:
         info = feature_info[-1] if isinstance(feature_info, list) else feature_info.info[-1]
@@ -123,7 +134,9 @@ class Explainer:
         self.targets = targets
         self._layer_request = layer
         self._layer = None
+        self._layout = None
         self.model_name = model_name
+        self.network = backbone_of(model)
 
     @property
     def layer(self) -> nn.Module:
@@ -131,6 +144,10 @@ class Explainer:
         if self._layer is None:
             self._layer = _resolve_layer(self.model, self._layer_request)
         return self._layer
+
+    @property
+    def layer_name(self) -> str:
+        return next(name for name, module in self.model.named_modules() if module is self.layer)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return logits_of(self.model(x))
@@ -150,21 +167,17 @@ class Explainer:
             raise ValueError(f"targets must be class indices in [0, {num_classes}) for {self.model_name}, got "
                              f"values in [{self.targets.min().item()}, {self.targets.max().item()}]")
 
-    def _spatial(self, output: torch.Tensor) -> torch.Tensor:
-        if not isinstance(output, torch.Tensor) or output.ndim != 4:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise ValueError(f"layer {type(self.layer).__name__} of {self.model_name} does not output a feature "
-                             f"map [B, C, h, w] (got {shape}); choose a spatial layer with layer=")
-        return output
-
     def capture(self, gradients: bool = False) -> Capture:
-        """One forward pass that records the layer's output and, if asked, the target logits' gradient
-        with respect to it. The output is replaced by a detached leaf, so the backward pass only runs
-        through the network above the layer (gradients still flow through a CA-Stream)."""
+        """One forward pass that records the layer's output as maps [B, K, h, w] (patch tokens put on
+        their grid) and, if asked, the target logits' gradient with respect to it. The output is replaced
+        by a detached leaf, so the backward pass only runs through the network above the layer
+        (gradients still flow through a CA-Stream)."""
         seen = {}
 
         def hook(module, inputs, output):
-            leaf = self._spatial(output).detach().requires_grad_(gradients)
+            self._layout = layer_layout(self.network, output, self.images.shape[-2:], self.model_name,
+                                        type(module).__name__, self.layer_name)
+            leaf = output.detach().requires_grad_(gradients)
             seen["activations"] = leaf
             return leaf
 
@@ -179,11 +192,20 @@ class Explainer:
         self.resolve_targets(logits)
         activations = seen["activations"]
         grads = torch.autograd.grad(self.score(logits).sum(), activations)[0] if gradients else None
-        return Capture(activations.detach(), grads, logits.detach(), output)
+        to_maps = self._layout.to_maps
+        if grads is not None and grads.ndim == 3 and grads.any() and not to_maps(grads).any():
+            raise ValueError(f"the target logits of {self.model_name} depend on no patch token of layer "
+                             f"{type(self.layer).__name__} ({self.layer_name!r}), only on its prefix tokens (after "
+                             f"the last attention only the class token reaches the head); explain a layer before "
+                             f"it, e.g. the default blocks[-1].norm1")
+        return Capture(to_maps(activations.detach()), None if grads is None else to_maps(grads), logits.detach(),
+                       output)
 
     def logits_with_layer_output(self, images: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
-        """Logits of ``images`` when the target layer outputs ``replacement`` instead of its own output."""
-        handle = self.layer.register_forward_hook(lambda module, inputs, output: replacement)
+        """Logits of ``images`` when the target layer outputs ``replacement`` (maps [B, K, h, w], put in the
+        layout of the last ``capture``; prefix tokens stay the layer's own) instead of its own output."""
+        layout = self._layout
+        handle = self.layer.register_forward_hook(lambda module, inputs, output: layout.to_output(replacement, output))
         try:
             return self.logits(images)
         finally:
@@ -229,6 +251,9 @@ def _check_images(images: torch.Tensor, model: nn.Module, model_name: str) -> No
         got = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) \
             else type(images).__name__
         raise ValueError(f"images for {model_name} must be a float tensor [B, {channels}, H, W], got {got}")
+    net = backbone_of(model)
+    if hasattr(net, "patch_embed"):  # a size the patch embedding refuses is named before any forward
+        patch_grid(net, images.shape[-2:], model_name)
 
 
 def check_targets(targets, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -249,8 +274,8 @@ def explain(model: nn.Module, images: torch.Tensor, method: str, targets=None, l
             **options) -> torch.Tensor:
     """Saliency maps ``[B, H, W]`` in [0, 1] of ``method`` for ``targets`` (default: predicted classes).
 
-    ``layer`` (a module or its dotted name) is the layer CAM methods explain; by default a ResNet's last
-    block, a ConvNeXt's last stage, or that of a CA-Stream model's backbone. ``options`` go to the
+    ``layer`` (a module or its dotted name) is the layer CAM methods explain (``default_layer``); a token
+    layer of a vision transformer is read as maps on its patch grid. ``options`` go to the
     method (e.g. ``iterations`` for Opti-CAM). The model's train/eval modes and ``requires_grad``
     flags are restored afterwards and no hook is left on it.
     """

@@ -28,7 +28,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from evaluation.saliency import default_layer, explain  # noqa: E402
-from zoo.measure import gflops, timed  # noqa: E402
+from zoo.measure import device_name, gflops, timed  # noqa: E402
 from zoo.samples import photo_crops  # noqa: E402
 
 # the thesis' T / 8: seconds per image on a GPU (Table 2.1 for ResNet-50, Table 2.2 for ViT-B)
@@ -123,7 +123,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = device_name(device)
     setting = f"on {where}, {time.strftime('%Y-%m-%d')}"
     models, (opticam_px, opticam_images, iterations), (scorecam_px, scorecam_images) = \
         args.models, args.opticam, args.scorecam

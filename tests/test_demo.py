@@ -1,11 +1,16 @@
 """The end-to-end demo (``zoo-demo --quick``) on Fashion-MNIST files laid out as the Debian package ships them."""
 
+import csv
 import json
+import runpy
 from pathlib import Path
 
+import pytest
 from data_layouts import make_fashion_mnist
 
-from evaluation.demo import main
+from evaluation.demo import localisation_bar, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_demo_runs_end_to_end_and_its_summary_copies_the_results(tmp_path):
@@ -29,7 +34,32 @@ def test_quick_demo_runs_end_to_end_and_its_summary_copies_the_results(tmp_path)
         assert f"| gradcam | {gradcam['AD']:.2f} | {gradcam['AG']:.2f} |" in table, name
     assert "attention" in summary["models"]["castream"]["methods"]
     assert {"SP", "EP", "BA"} <= summary["models"]["castream"]["methods"]["attention"].keys()
-    assert 0 < summary["pointing_chance"] < 100
+    bar = summary["attention_localises"]
+    assert bar["SP"] == summary["models"]["castream"]["methods"]["attention"]["SP"] and 0 < bar["chance"] < 100
+    assert f"points into the box on {bar['SP']:.2f} %" in table
     # a second run reuses every finished stage and rewrites the same numbers
     main(["--quick", "--out", str(out), "--data", str(tmp_path / "fashion-mnist")])
     assert json.loads((out / "summary.json").read_text())["models"] == summary["models"]
+
+    # the experiment behind the demo's stream lr, on the quick demo's GAP model
+    experiment = runpy.run_path(str(ROOT / "experiments" / "castream_attention.py"))
+    attention = tmp_path / "attention"
+    experiment["main"](["--quick", "--gap", str(out / "runs" / "gap" / "model"), "--lrs", "0.01", "0.001",
+                        "--images", "8", "--data", str(tmp_path / "fashion-mnist"), "--out", str(attention)])
+    results = json.loads((attention / "results.json").read_text())
+    assert [run["lr"] for run in results["runs"]] == [0.01, 0.001] and 0 < results["chance"] < 100
+    for run in results["runs"]:
+        assert len(run["stages"]) == 5 and all(0 <= stage["SP"] <= 100 and 0 < stage["entropy"] <= 1 + 1e-6
+                                               for stage in run["stages"])
+        assert run["val_top1"] == float(list(csv.DictReader(
+            (attention / "runs" / f"lr{run['lr']:g}" / "metrics.csv").open()))[-1]["val_top1"])
+    assert set(results["probe"]) == {"all positions (GAP)", "inside the box", "outside the box"}
+    assert all(0 <= probe["top1"] <= 100 and probe["feature_norm"] >= 0 for probe in results["probe"].values())
+    assert (attention / "attention_by_lr.png").stat().st_size > 0
+    assert f"| 0.01 | {results['runs'][0]['val_top1']:.2f} |" in (attention / "results.md").read_text()
+
+
+def test_quality_bar_is_chance_plus_three_standard_errors():
+    assert localisation_bar(40.0, 20.0, 100) == {"SP": 40.0, "chance": 20.0, "margin": pytest.approx(12.0),
+                                                  "images": 100, "holds": True}
+    assert not localisation_bar(31.0, 20.0, 100)["holds"] and localisation_bar(32.5, 20.0, 100)["holds"]

@@ -1,6 +1,6 @@
 """Saliency on vision transformers and VGG: patch tokens as maps (agreement with pytorch-grad-cam given its
-reshape transform), the attention baselines on hand-checkable cases, the harness' Table 2.2 / 2.7 layout,
-bad input."""
+reshape transform), the attention baselines on hand-checkable cases, TIBAV's LRP rules by hand and its map
+against a per-image implementation through autograd, the harness' Table 2.2 / 2.7 layout, bad input."""
 
 import json
 import runpy
@@ -10,18 +10,20 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from data_layouts import CubImage, make_cub
 from pytorch_grad_cam import GradCAM
 from test_saliency import REFERENCE as CNN_REFERENCE
 from test_saliency import assert_same_maps, photo_batch, pytorch_grad_cam
 from timm.layers import PatchEmbed
+from timm.models.vision_transformer import ResPostBlock
 from torch import nn
 
 from evaluation.harness import comparison, main
-from evaluation.saliency import METHODS, default_layer, explain
+from evaluation.saliency import METHODS, default_layer, explain, lrp
 from evaluation.saliency.core import normalise_per_image
-from evaluation.saliency.transformer import relevance, rollout
+from evaluation.saliency.transformer import recorded_attentions, relevance, rollout
 
 # Ablation-CAM ablates tokens differently from pytorch-grad-cam's ViT ablation: checked by hand below
 REFERENCE = {name: cls for name, cls in CNN_REFERENCE.items() if name != "ablationcam"}
@@ -189,7 +191,7 @@ def test_raw_attention_is_the_class_token_softmax_row(vit):
     assert all(block.attn.fused_attn for block in vit.blocks)
 
 
-def test_chefer_on_one_block_is_the_positive_gradient_times_attention_row():
+def test_generic_attention_on_one_block_is_the_positive_gradient_times_attention_row():
     """One block: R = I + Ā, so the map is the class token's row of Ā = mean_h (dy_c/dA ⊙ A)^+, with
     dy_c/dA taken here through a forward written out by hand from the block's parts."""
     model = tiny(depth=1)
@@ -204,8 +206,9 @@ def test_chefer_on_one_block_is_the_positive_gradient_times_attention_row():
     logits = model.forward_head(model.norm(x))
     grad = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), attention)[0]
     row = (grad * attention).clamp_min(0).mean(1)[:, 0, 1:].unflatten(1, (4, 4))
-    torch.testing.assert_close(explain(model, images, "chefer", targets), normalise_per_image(row.detach(), (64, 64)))
-    assert not torch.allclose(explain(model, images, "chefer", targets), explain(model, images, "chefer", 9 - targets))
+    ours = explain(model, images, "generic_attention", targets)
+    torch.testing.assert_close(ours, normalise_per_image(row.detach(), (64, 64)))
+    assert not torch.allclose(ours, explain(model, images, "generic_attention", 9 - targets))
 
 
 def test_attention_flags_and_hooks_are_restored_when_the_forward_fails():
@@ -213,22 +216,196 @@ def test_attention_flags_and_hooks_are_restored_when_the_forward_fails():
 
     class Broken(nn.Module):
         def forward(self, x):
-            raise RuntimeError("broken head")
+            raise RuntimeError("broken norm")
 
-    model.head = Broken()
-    for method in ("rawattention", "rollout", "chefer"):
-        with pytest.raises(RuntimeError, match="broken head"):
+    model.norm = Broken()  # after every block has run (and recorded)
+    for method in ("rawattention", "rollout", "generic_attention", "tibav"):
+        with pytest.raises(RuntimeError, match="broken norm"):
             explain(model, torch.randn(1, 3, SIZE, SIZE), method)
         assert all(block.attn.fused_attn for block in model.blocks) and no_hooks_left(model)
 
 
 def test_attention_methods_are_batched(vit):
     images = photo_batch(vit, SIZE)
-    for method in ("rawattention", "rollout", "chefer"):
+    for method in ("rawattention", "rollout", "generic_attention", "tibav"):
         batched = explain(vit, images, method, TARGETS)
         for i in range(len(images)):
             torch.testing.assert_close(batched[i], explain(vit, images[i:i + 1], method, TARGETS[i:i + 1])[0],
                                        atol=1e-5, rtol=1e-5)
+
+
+# --- TIBAV (Chefer et al. 2021, CVPR): the LRP rules, then the whole propagation ---------------------------------
+
+
+def test_linear_rule_by_hand():
+    # x = [1, -2], W = [[1, -1], [2, 3]]. Output 0 has the positive contributions 1·1 and (-2)·(-1) = 2, so x takes
+    # 1/3 and 2/3 of R_0 = 3; output 1 has 1·2 (positive) and (-2)·3 (negative: ignored with α = 1, β = 0), so
+    # x_0 takes all of R_1 = 4: R_x = [1 + 4, 2]
+    x, weight, r = torch.tensor([[1.0, -2.0]]), torch.tensor([[1.0, -1.0], [2.0, 3.0]]), torch.tensor([[3.0, 4.0]])
+    torch.testing.assert_close(lrp.linear_relevance(x, weight, r), torch.tensor([[5.0, 2.0]]))
+    # α = 2, β = 1: twice that, less the negative contributions' share: all of R_1 to x_1, for its -6
+    torch.testing.assert_close(lrp.linear_relevance(x, weight, r, alpha=2.0), torch.tensor([[10.0, 0.0]]))
+    # an input of zeros has no contribution to share: zero relevance, not NaN
+    assert (lrp.linear_relevance(torch.zeros(1, 2), weight, r) == 0).all()
+
+
+def test_linear_rule_conserves_relevance():
+    torch.manual_seed(0)
+    r = torch.randn(2, 5, 4)
+    x, weight = torch.rand(2, 5, 6), torch.rand(4, 6)  # positive inputs and weights: every contribution counts
+    torch.testing.assert_close(lrp.linear_relevance(x, weight, r).sum(-1), r.sum(-1))
+    # α = 1, β = 0 shares each output's relevance among its positive contributions only, so any signs conserve
+    x, weight = torch.randn(2, 5, 6), torch.randn(4, 6)
+    torch.testing.assert_close(lrp.linear_relevance(x, weight, r).sum(-1), r.sum(-1))
+
+
+def test_product_rule_is_gradient_times_input():
+    torch.manual_seed(0)
+    x, y, r = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 5, 6), torch.randn(2, 3, 4, 6)
+    leaves = x.clone().requires_grad_(), y.clone().requires_grad_()
+    z = leaves[0] @ leaves[1]
+    grad_x, grad_y = torch.autograd.grad(z, leaves, r / z)
+    r_x, r_y = lrp.product_relevance(x, y, r)
+    torch.testing.assert_close(r_x, x * grad_x)
+    torch.testing.assert_close(r_y, y * grad_y)
+    # each operand gets all of R (per image and head), so halving both keeps the total
+    torch.testing.assert_close(r_x.sum((-2, -1)), r.sum((-2, -1)))
+    torch.testing.assert_close(r_y.sum((-2, -1)), r.sum((-2, -1)))
+    # q's scale d^-1/2 changes nothing: it scales Z by c and S = R / Z by 1/c
+    for scaled, unscaled in zip(lrp.product_relevance(x * 0.125, y, r), (r_x, r_y), strict=True):
+        torch.testing.assert_close(scaled, unscaled)
+
+
+def test_addition_rule_splits_each_images_relevance_in_proportion():
+    torch.manual_seed(0)
+    a, b, r = torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    r_a, r_b = lrp.addition_relevance(a, b, r)
+    for i in range(3):
+        term_a, term_b = a[i] * r[i] / (a[i] + b[i]), b[i] * r[i] / (a[i] + b[i])  # gradient x input
+        share = term_a.sum().abs() / (term_a.sum().abs() + term_b.sum().abs())
+        torch.testing.assert_close(r_a[i].sum(), share * r[i].sum())
+        torch.testing.assert_close(r_b[i].sum(), (1 - share) * r[i].sum())
+        torch.testing.assert_close(r_a[i], term_a * r_a[i].sum() / term_a.sum())  # rescaled, not reshaped
+        torch.testing.assert_close(r_b[i], term_b * r_b[i].sum() / term_b.sum())
+    alone = lrp.addition_relevance(a[1:2], b[1:2], r[1:2])  # an image's split does not depend on the batch
+    torch.testing.assert_close(alone[0], r_a[1:2])
+    torch.testing.assert_close(alone[1], r_b[1:2])
+
+
+def test_relevance_is_conserved_through_every_block():
+    """α = 1, β = 0 shares among positive contributions only, gradient x input of a product gives each operand
+    the whole relevance (halved), additions are rescaled to their total, the rest passes it unchanged: each
+    block's input gets exactly the relevance at its output, for activations of any sign; its attention
+    probabilities get half of what reaches the attention."""
+    model = tiny(depth=2, init_values=0.5)
+    with lrp.recorded_layers(model, "vit") as layers, recorded_attentions(model, "vit") as attentions, torch.no_grad():
+        model(torch.randn(2, 3, SIZE, SIZE))
+    r = lrp.token_relevance(model, layers, torch.tensor([2, 5]))
+    assert (r[:, 1:] == 0).all()  # class-token pooling
+    torch.testing.assert_close(r.sum((1, 2)), torch.ones(2))  # the one-hot target, through the head
+    for block, attention in zip(reversed(model.blocks), reversed(attentions), strict=True):
+        r_attn, r_attention = lrp.attention_block_relevance(block.attn, layers, attention, r)
+        torch.testing.assert_close(r_attn.sum((1, 2)), r.sum((1, 2)))
+        torch.testing.assert_close(r_attention.sum((1, 2, 3)), r.sum((1, 2)) / 2)
+        r, _ = lrp.block_relevance(block, layers, attention, r)
+        torch.testing.assert_close(r.sum((1, 2)), torch.ones(2))
+
+
+def tibav_by_hand(model, image, target):
+    """TIBAV's map for one image, written out: the forward from the model's parts; every LRP rule as gradient x
+    input through autograd on that rule's own function (α1β0: x⁺ and x⁻ through W⁺ and W⁻), reshapes undone
+    by autograd; then C = (I + Ā_L) ... (I + Ā_1), Ā = mean_h (∇A ⊙ R_A)^+, and the class token's row."""
+    def gradient_times_input(fn, inputs, relevance):
+        inputs = [t.detach().requires_grad_() for t in inputs]
+        z = fn(*inputs)
+        return [t.detach() * g for t, g in zip(inputs, torch.autograd.grad(z, inputs, relevance / z), strict=True)]
+
+    def linear(x, weight, relevance):
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        parts = gradient_times_input(lambda p, n: F.linear(p, w_pos) + F.linear(n, w_neg),
+                                     [x.clamp(min=0), x.clamp(max=0)], relevance)
+        return parts[0] + parts[1]
+
+    def add(a, b, relevance):
+        r_a, r_b = gradient_times_input(torch.add, [a, b], relevance)
+        total = r_a.sum().abs() + r_b.sum().abs()
+        return (r_a * r_a.sum().abs() / total * relevance.sum() / r_a.sum(),
+                r_b * r_b.sum().abs() / total * relevance.sum() / r_b.sum())
+
+    def moved(output, source, relevance):  # relevance of a reshaped / permuted copy, put back on its source
+        return torch.autograd.grad(output, source, relevance, retain_graph=True)
+
+    x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))
+    steps = []
+    for block in model.blocks:
+        attn = block.attn
+        normed = block.norm1(x)
+        qkv = attn.qkv(normed)
+        q, k, v = qkv.reshape(1, -1, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        attention = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)
+        mixed = attention @ v
+        heads = mixed.transpose(1, 2).flatten(2)
+        branch1 = block.ls1(attn.proj(heads))
+        h = x + branch1
+        normed2 = block.norm2(h)
+        hidden = block.mlp.act(block.mlp.fc1(normed2))
+        branch2 = block.ls2(block.mlp.fc2(hidden))
+        steps.append(dict(x=x, normed=normed, qkv=qkv, q=q, k=k, v=v, attention=attention, mixed=mixed,
+                          heads=heads, branch1=branch1, h=h, normed2=normed2, hidden=hidden, branch2=branch2))
+        x = h + branch2
+    tokens = model.norm(x)
+    one_hot = torch.zeros(1, model.num_classes)
+    one_hot[0, target] = 1
+    r = torch.zeros_like(tokens)
+    if hasattr(model, "head_dist"):  # distilled DeiT: the mean of the class token's and distillation token's heads
+        cls_half, dist_half = model.head(tokens[:, 0]) / 2, model.head_dist(tokens[:, 1]) / 2
+        logits = cls_half + dist_half
+        r_cls, r_dist = add(cls_half, dist_half, one_hot)  # then y = x / 2 passes relevance unchanged
+        r[:, 0] = linear(tokens[:, 0], model.head.weight, r_cls)
+        r[:, 1] = linear(tokens[:, 1], model.head_dist.weight, r_dist)
+    else:
+        pooled = model.fc_norm(tokens[:, 0])
+        logits = model.head(pooled)
+        r[:, 0] = linear(pooled, model.head.weight, one_hot)
+    gradients = torch.autograd.grad(logits[0, target], [step["attention"] for step in steps], retain_graph=True)
+    relevances = []
+    for block, step in zip(reversed(model.blocks), reversed(steps), strict=True):
+        r_h, r_branch2 = add(step["h"], step["branch2"], r)
+        r_hidden = linear(step["hidden"], block.mlp.fc2.weight, r_branch2)
+        r_h = r_h + linear(step["normed2"], block.mlp.fc1.weight, r_hidden)
+        r_x, r_branch1 = add(step["x"], step["branch1"], r_h)
+        (r_mixed,) = moved(step["heads"], step["mixed"], linear(step["heads"], block.attn.proj.weight, r_branch1))
+        r_attention, r_v = (t / 2 for t in gradient_times_input(torch.matmul, [step["attention"], step["v"]], r_mixed))
+        relevances.insert(0, r_attention)
+        r_q, r_k = (t / 2 for t in gradient_times_input(lambda q, k: q @ k.transpose(-2, -1), [step["q"], step["k"]],
+                                                         r_attention))
+        (r_qkv,) = moved([step["q"], step["k"], step["v"]], step["qkv"], [r_q, r_k, r_v])
+        r = r_x + linear(step["normed"], block.attn.qkv.weight, r_qkv)
+    eye = torch.eye(tokens.shape[1])
+    joint = eye
+    for gradient, r_attention in zip(gradients, relevances, strict=True):
+        joint = (eye + (gradient * r_attention).clamp(min=0).mean(1)[0]) @ joint
+    return joint[0, model.num_prefix_tokens:].reshape(4, 4).detach()
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("vit_tiny_patch16_224", dict(depth=1)),
+    ("vit_tiny_patch16_224", dict(depth=2, init_values=0.5)),  # LayerScale, and relevance through a whole block
+    # two prefix tokens and two heads; two blocks, since with one the class token's row only sees the class head's
+    ("deit_tiny_distilled_patch16_224", dict(depth=2)),
+])
+def test_tibav_equals_a_per_image_implementation_through_autograd(name, kwargs):
+    model = tiny(name, **kwargs)
+    images, targets = torch.randn(2, 3, SIZE, SIZE), torch.tensor([2, 5])
+    expected = normalise_per_image(torch.stack([tibav_by_hand(model, image, target)
+                                                for image, target in zip(images, targets, strict=True)]), (SIZE, SIZE))
+    ours = explain(model, images, "tibav", targets)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    assert torch.isfinite(ours).all() and 0 <= ours.min() < ours.max() <= 1
+    assert not torch.allclose(ours, explain(model, images, "tibav", 9 - targets), atol=1e-3)  # class-specific
+    assert METHODS["chefer"] is METHODS["tibav"] and METHODS["generic_attention"] is not METHODS["tibav"]
+    assert not torch.allclose(ours, explain(model, images, "generic_attention", targets), atol=1e-3)
+    assert all(block.attn.fused_attn for block in model.blocks) and no_hooks_left(model)
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
@@ -274,6 +451,18 @@ class Tokens(nn.Module):
      r"depend on no patch token of layer Block \('blocks.1'\)"),
     (lambda: explain(tiny("test_vit2"), torch.randn(1, 3, SIZE, SIZE), "chefer"),
      "test_vit2 has no class token"),
+    (lambda: explain(tiny("test_vit2"), torch.randn(1, 3, SIZE, SIZE), "generic_attention"),
+     "test_vit2 has no class token"),
+    (lambda: explain(timm.create_model("resnet18"), torch.randn(1, 3, SIZE, SIZE), "tibav"),
+     "resnet18 is not a timm VisionTransformer"),
+    (lambda: explain(tiny(qk_norm=True), torch.randn(1, 3, SIZE, SIZE), "tibav"),
+     r"vit_tiny_patch16_224 normalises queries and keys \(qk_norm\) in blocks\[0\]"),
+    (lambda: explain(tiny(class_token=True, global_pool="avg"), torch.randn(1, 3, SIZE, SIZE), "tibav"),
+     "vit_tiny_patch16_224 pools its tokens with global_pool='avg', not by its class token"),
+    (lambda: explain(tiny(num_classes=0), torch.randn(1, 3, SIZE, SIZE), "tibav"),
+     "vit_tiny_patch16_224 has no linear classifier head"),
+    (lambda: explain(tiny(block_fn=ResPostBlock), torch.randn(1, 3, SIZE, SIZE), "tibav"),
+     r"vit_tiny_patch16_224 has a ResPostBlock with Attention at blocks\[0\]"),
     (lambda: explain(timm.create_model("resnet18"), torch.randn(1, 3, SIZE, SIZE), "rollout"),
      "resnet18 has no timm attention blocks"),
 ])
@@ -288,8 +477,8 @@ def test_bad_input_names_the_model_and_layer(call, message):
 def test_harness_runs_a_vit_with_the_attention_baselines(tmp_path):
     make_cub(tmp_path / "data", images=tuple(CubImage(1 + i % 2, False, (8, 8, 40, 30)) for i in range(3)))
     main(["test_vit", "--dataset", "cub", "--data-root", str(tmp_path / "data"), "--methods", "gradcam",
-          "rawattention", "rollout", "chefer", "fakecam", "--metrics", "faithfulness", "localisation",
-          "--img-size", "64", "--batch-size", "2", "--cpu", "--out", str(tmp_path / "out")])
+          "rawattention", "rollout", "generic_attention", "tibav", "fakecam", "--metrics", "faithfulness",
+          "localisation", "--img-size", "64", "--batch-size", "2", "--cpu", "--out", str(tmp_path / "out")])
     (run_dir,) = (tmp_path / "out").iterdir()
     methods = json.loads((run_dir / "results.json").read_text())["methods"]
     assert all({"AD", "AG", "AI", "OM", "LE", "SP", "seconds_per_image"} <= set(methods[m]) for m in methods)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import zoo  # noqa: F401
 from training.config import list_recipes, load_recipe
-from training.train import build_model, step_schedule, subset, train
+from training.train import build_loaders, build_model, step_schedule, subset, train
 from zoo.hub import load_model
 
 SMALL_BACKBONE = {"backbone": "resnet10t"}  # the smallest timm ResNet keeps each step fast
@@ -87,6 +87,32 @@ def test_limit_draws_a_fixed_subset_across_a_dataset_stored_class_by_class():
     assert {labels[i] for i in chosen.indices} == {0, 1}
     assert list(subset(labels, 10, seed=0).indices) == list(chosen.indices) != list(subset(labels, 10, 1).indices)
     assert subset(labels, 500, seed=0) is labels
+
+
+class Numbers(torch.utils.data.Dataset):
+    """Images that are their own index, and a ``transforms`` slot as the real datasets have."""
+
+    transforms = None
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return torch.full((3, 2, 2), float(index)), index
+
+
+@pytest.mark.parametrize("limit, val_limit, sizes", [(None, None, (40, 30)), (8, None, (8, 8)), (8, 20, (8, 20)),
+                                                     (None, 5, (40, 5))])
+def test_val_limit_sets_the_validation_subset_on_its_own(tmp_path, limit, val_limit, sizes):
+    recipe = stream_recipe(tmp_path, limit=limit, val_limit=val_limit)
+    data_config = timm.data.resolve_data_config({}, model=timm.create_model("resnet10t"))
+    loaders = build_loaders(recipe, Numbers(40), Numbers(30), data_config, per_process_batch=4)
+    assert tuple(len(loader.dataset) for loader in loaders) == sizes
+    with pytest.raises(ValueError, match="val_limit must be at least 1"):
+        stream_recipe(tmp_path, val_limit=0)
 
 
 def test_stream_recipe_trains_the_stream_only_and_saves_a_timm_model(tmp_path):

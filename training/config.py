@@ -57,6 +57,7 @@ class Recipe:
     seed: int = 0
     workers: int = 4
     limit: int | None = None  # a fixed random subset of N images of each split (quick runs)
+    val_limit: int | None = None  # validate on a fixed random subset of N images (default: limit)
     checkpoint_every: int = 0  # also checkpoint every N optimiser steps (0: at the end of each epoch only)
     keep_checkpoints: int = 2
     output_dir: str | None = None  # default: runs/<name>
@@ -80,8 +81,9 @@ class Recipe:
         if self.objective == "gradient_denoising" and self.mixed_precision == "fp16" and self.gd_weight:
             problems.append("gradient denoising differentiates input gradients that fp16 loss scaling does not "
                             "reach (they may underflow): use mixed_precision bf16 or no")
-        if self.limit is not None and self.limit < 1:
-            problems.append(f"limit must be at least 1, got {self.limit}")
+        for name in ("limit", "val_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if problems:
             raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems))
         if self.weights in ("none", ""):  # the command line's way to ask for a random initialisation

@@ -115,12 +115,16 @@ def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset, list[str]]:
 
 
 def build_loaders(recipe: Recipe, train_set, val_set, data_config: dict, per_process_batch: int):
-    """Training and validation loaders: transforms from ``data_config``; with ``limit``, a fixed random subset
-    of each split (drawn from the seed, so it spans the classes of a dataset stored class by class)."""
+    """Training and validation loaders: transforms from ``data_config``; with ``limit`` (``val_limit`` for the
+    validation split), a fixed random subset of a split (drawn from the seed, so it spans the classes of a
+    dataset stored class by class)."""
     train_set.transforms = train_transform(data_config, recipe.augmentation)
     val_set.transforms = eval_transform(data_config)
+    val_limit = recipe.val_limit if recipe.val_limit is not None else recipe.limit
     if recipe.limit is not None:
-        train_set, val_set = (subset(dataset, recipe.limit, recipe.seed) for dataset in (train_set, val_set))
+        train_set = subset(train_set, recipe.limit, recipe.seed)
+    if val_limit is not None:
+        val_set = subset(val_set, val_limit, recipe.seed)
     if len(train_set) < recipe.batch_size:
         raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch of {recipe.batch_size}")
     common = dict(batch_size=per_process_batch, num_workers=recipe.workers, collate_fn=collate)
@@ -364,8 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help=f"a recipe name ({', '.join(list_recipes())}) or a YAML file")
     flags = {"--model": str, "--epochs": int, "--batch-size": int, "--lr": float, "--data-root": str,
-             "--weights": str, "--limit": int, "--output-dir": str, "--seed": int, "--workers": int,
-             "--image-size": int, "--gd-error": str, "--gd-weight": float, "--mixed-precision": str,
+             "--weights": str, "--limit": int, "--val-limit": int, "--output-dir": str, "--seed": int,
+             "--workers": int, "--image-size": int, "--gd-error": str, "--gd-weight": float, "--mixed-precision": str,
              "--grad-accum": int, "--checkpoint-every": int}
     for flag, kind in flags.items():
         parser.add_argument(flag, type=kind)

@@ -1,6 +1,8 @@
 """Saliency from a vision transformer's own attention (the transformer baselines of thesis Tables 2.2, 2.4,
-2.7): raw attention, attention rollout and Chefer et al.'s gradient-weighted attention relevance. Each
-reads the class token's row of an attention matrix, so each explains the class token; all are batched.
+2.7): raw attention, attention rollout, Chefer et al.'s gradient-weighted attention (ICCV 2021,
+``generic_attention``) and their LRP-based transformer attribution (CVPR 2021, ``tibav``, alias ``chefer``: the
+thesis' TIBAV row; its propagation rules are in ``lrp.py``). Each reads the class token's row of a [B, N, N]
+matrix, so each explains the class token; all are batched.
 
 Attention probabilities ``A = softmax(q k^T / sqrt(d))`` ``[B, heads, N, N]`` are read from timm's attention
 modules (``blocks[i].attn``): for the call, each computes attention explicitly (``fused_attn`` off, since
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from .core import Explainer, saliency_method
+from .lrp import attention_relevances, recorded_layers
 from .tokens import patch_grid
 
 
@@ -27,7 +30,7 @@ def recorded_attentions(net: nn.Module, model_name: str, gradients: bool = False
     attentions = [getattr(block, "attn", None) for block in blocks] if isinstance(blocks, nn.Sequential) else []
     if not attentions or not all(hasattr(attn, "attn_drop") and hasattr(attn, "fused_attn") for attn in attentions):
         raise ValueError(f"{model_name} has no timm attention blocks (blocks[i].attn) to read attention from; "
-                         f"rawattention, rollout and chefer explain timm ViT / DeiT models")
+                         f"rawattention, rollout, generic_attention and tibav (chefer) explain timm ViT / DeiT models")
     fused = [attn.fused_attn for attn in attentions]
     recorded = []
 
@@ -62,8 +65,8 @@ def attentions_of(ex: Explainer, gradients: bool = False) -> tuple[list[torch.Te
 def class_token_map(ex: Explainer, matrix: torch.Tensor) -> torch.Tensor:
     """The class token's row (token 0) of ``matrix`` [B, N, N] over the patches, on the patch grid [B, h, w]."""
     if getattr(ex.network, "cls_token", None) is None:
-        raise ValueError(f"{ex.model_name} has no class token, whose attention row rawattention, rollout and "
-                         f"chefer show; use a CAM method")
+        raise ValueError(f"{ex.model_name} has no class token, whose row rawattention, rollout, generic_attention and "
+                         f"tibav show; use a CAM method")
     grid = patch_grid(ex.network, ex.images.shape[-2:], ex.model_name)
     return matrix[:, 0, ex.network.num_prefix_tokens:].unflatten(1, grid)
 
@@ -79,13 +82,16 @@ def rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def relevance(attentions: list[torch.Tensor], gradients: list[torch.Tensor]) -> torch.Tensor:
-    """Chefer et al. 2021, "Generic attention-model explainability" (ICCV, eq. 5-6 for self-attention):
-    ``R_0 = I``, ``R_l = R_{l-1} + Ā_l R_{l-1}`` with ``Ā_l = mean_h (∇A_l ⊙ A_l)^+``; [B, N, N]."""
-    eye = torch.eye(attentions[0].shape[-1], device=attentions[0].device)
-    result = eye.expand_as(attentions[0][:, 0])
-    for attention, gradient in zip(attentions, gradients, strict=True):
-        result = result + (gradient * attention).clamp_min(0).mean(1) @ result
+def relevance(matrices: list[torch.Tensor], gradients: list[torch.Tensor]) -> torch.Tensor:
+    """Chefer et al.'s gradient-weighted aggregation over blocks, [B, N, N]: ``R_0 = I``,
+    ``R_l = R_{l-1} + Ā_l R_{l-1}`` (so ``R_L = (I + Ā_L) ... (I + Ā_1)``) with ``Ā_l = mean_h (∇A_l ⊙ M_l)^+``,
+    ``∇A_l`` the target logit's gradient with respect to block l's attention. ``M_l = A_l``: "Generic
+    attention-model explainability" (ICCV 2021, eq. 5-6 for self-attention); ``M_l = R_{A_l}``, the LRP
+    relevance of A_l: "Transformer Interpretability Beyond Attention Visualization" (CVPR 2021)."""
+    eye = torch.eye(matrices[0].shape[-1], device=matrices[0].device)
+    result = eye.expand_as(matrices[0][:, 0])
+    for matrix, gradient in zip(matrices, gradients, strict=True):
+        result = result + (gradient * matrix).clamp_min(0).mean(1) @ result
     return result
 
 
@@ -103,9 +109,19 @@ def attention_rollout(ex: Explainer) -> torch.Tensor:
     return class_token_map(ex, rollout(attentions))
 
 
-@saliency_method("chefer")
-def chefer(ex: Explainer) -> torch.Tensor:
-    """Chefer et al. 2021 gradient-weighted attention relevance, class-specific (the thesis' TIBAV row; the
-    gradient x attention rule of their ICCV 2021 paper, not the LRP relevance of the CVPR 2021 one)."""
+@saliency_method("generic_attention")
+def generic_attention(ex: Explainer) -> torch.Tensor:
+    """Chefer et al. 2021, "Generic attention-model explainability" (ICCV): ``relevance`` with the attention
+    A itself weighting its gradient; class-specific."""
     attentions, gradients = attentions_of(ex, gradients=True)
     return class_token_map(ex, relevance(attentions, gradients))
+
+
+@saliency_method("tibav", "chefer")
+def tibav(ex: Explainer) -> torch.Tensor:
+    """Chefer et al. 2021, "Transformer Interpretability Beyond Attention Visualization" (CVPR; the thesis'
+    TIBAV): ``relevance`` with the LRP relevance R_A of each block's attention (``lrp.py``, propagated from the
+    one-hot target class at the logits) weighting its gradient; class-specific."""
+    with recorded_layers(ex.network, ex.model_name) as layers:
+        attentions, gradients = attentions_of(ex, gradients=True)
+    return class_token_map(ex, relevance(attention_relevances(ex.network, layers, attentions, ex.targets), gradients))

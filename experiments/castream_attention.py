@@ -1,0 +1,150 @@
+"""Where a CA-Stream's attention goes on the demo's canvases, and why: streams trained at several learning
+rates on one frozen GAP model (the demo's), every stage's attention scored with the pointing game.
+
+    python experiments/castream_attention.py [--gap results/demo/runs/gap/model] [--lrs 0.1 0.01 0.003 0.001]
+
+Each stream is trained exactly as ``zoo-demo`` trains its own (``evaluation.demo.train_stream``), only the lr
+differs, into ``--out/runs/lr<lr>`` (a finished run is reused). Then, on ``--images`` test canvases:
+
+- every stage's attention: standard pointing game (eq. 1.21, the map upsampled to the canvas), normalised
+  entropy (1 = uniform) and mean maximum, beside the validation top-1 of the run's last epoch;
+- a probe of what the frozen classifier reads: its top-1 on the GAP model's last feature map pooled over all
+  positions (GAP), over the positions whose centre lies in the object's box, and over the others.
+
+Writes ``results.json``, ``results.md`` and ``attention_by_lr.png`` into ``--out``.
+"""
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import zoo  # noqa: E402, F401
+from evaluation.demo import SCALES, fashion_mnist, train_stream  # noqa: E402
+from evaluation.metrics import pointing_game  # noqa: E402
+from evaluation.saliency.core import normalise_per_image  # noqa: E402
+from zoo.data import build_dataset  # noqa: E402
+from zoo.data.transforms import eval_transform  # noqa: E402
+from zoo.hub import read_config  # noqa: E402
+
+
+def test_canvases(model_dir: Path, root: str, source: dict, size: int, count: int):
+    """The first ``count`` test canvases preprocessed for the model, their boxes [count, 4] and labels."""
+    data = build_dataset("fashion-canvas", root, "test", eval_transform(read_config(model_dir)["pretrained_cfg"]),
+                         **source, size=size)
+    samples = [data[i] for i in range(count)]
+    return (torch.stack([image for image, _ in samples]), torch.stack([t["boxes"][0] for _, t in samples]),
+            torch.tensor([t["label"] for _, t in samples]))
+
+
+def chance(boxes: torch.Tensor, size: int) -> float:
+    """Pointing-game chance level (%): the mean share of the canvas the box covers."""
+    return (100 * (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / size**2).mean().item()
+
+
+def attention_by_stage(model_dir: Path, images: torch.Tensor, boxes: torch.Tensor) -> list[dict]:
+    """Pointing game, normalised entropy and mean maximum of each stage's attention."""
+    model = timm.create_model(f"local-dir:{model_dir}", pretrained=True).eval()
+    with torch.no_grad():
+        attentions = model.forward_stream(images).attentions
+    rows = []
+    for stage, attention in enumerate(attentions):
+        flat = attention.flatten(1)
+        entropy = -(flat * flat.clamp_min(1e-12).log()).sum(1) / math.log(flat.shape[1])
+        maps = normalise_per_image(attention, images.shape[-2:])
+        rows.append({"stage": stage, "grid": list(attention.shape[-2:]),
+                     "SP": pointing_game(maps, list(boxes[:, None])).mean().item(),
+                     "entropy": entropy.mean().item(), "max": flat.amax(1).mean().item()})
+    return rows
+
+
+def classifier_probe(gap_dir: Path, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-1 (%) of the GAP model's frozen classifier on its last features pooled over all positions, over the
+    positions inside the box and over those outside it, and the mean norm of a position's features there."""
+    model = timm.create_model(f"local-dir:{gap_dir}", pretrained=True).eval()
+    with torch.no_grad():
+        features = model.forward_features(images)
+        (height, width), size = features.shape[-2:], images.shape[-1]
+        ys, xs = ((torch.arange(n) + 0.5) * size / n for n in (height, width))
+        inside = ((ys[None, :, None] >= boxes[:, 1, None, None]) & (ys[None, :, None] < boxes[:, 3, None, None])
+                  & (xs[None, None] >= boxes[:, 0, None, None]) & (xs[None, None] < boxes[:, 2, None, None]))
+        norms = features.norm(dim=1)
+        probe = {}
+        for name, where in (("all positions (GAP)", torch.ones_like(inside)), ("inside the box", inside),
+                            ("outside the box", ~inside)):
+            weights = where[:, None].float()
+            pooled = (features * weights).sum((2, 3)) / weights.sum((2, 3)).clamp_min(1)
+            probe[name] = {"top1": 100 * (model.get_classifier()(pooled).argmax(1) == labels).float().mean().item(),
+                           "feature_norm": norms[where].mean().item()}
+    return probe
+
+
+def last_validation(model_dir: Path) -> float:
+    with open(model_dir.parent / "metrics.csv") as rows:
+        return float(list(csv.DictReader(rows))[-1]["val_top1"])
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Streams on the frozen GAP model `{results['gap']}`, {results['images']} test canvases; pointing-game "
+             f"chance level {results['chance']:.2f} %.", "",
+             "| stream lr | val top-1 | " + " | ".join(f"SP stage {r['stage']} ({r['grid'][0]}x{r['grid'][1]})"
+                                                      for r in results["runs"][0]["stages"])
+             + " | last stage: entropy / max |", "|---" * (len(results["runs"][0]["stages"]) + 3) + "|"]
+    for run in results["runs"]:
+        last = run["stages"][-1]
+        lines.append(f"| {run['lr']:g} | {run['val_top1']:.2f} | " + " | ".join(f"{r['SP']:.1f}" for r in run["stages"])
+                     + f" | {last['entropy']:.3f} / {last['max']:.3f} |")
+    lines += ["", "| the GAP model's last features, pooled over | top-1 of its frozen classifier "
+                  "| mean norm at a position |", "|---|---|---|"]
+    lines += [f"| {name} | {probe['top1']:.2f} | {probe['feature_norm']:.2f} |"
+              for name, probe in results["probe"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gap", type=Path, default=Path("results/demo/runs/gap/model"),
+                        help="the GAP model folder the demo trained")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.01, 0.003, 0.001])
+    parser.add_argument("--images", type=int, default=300, help="test canvases scored")
+    parser.add_argument("--data", type=Path, help="a folder of Fashion-MNIST idx files (default: the demo's)")
+    parser.add_argument("--out", type=Path, default=Path("results/castream_attention"))
+    parser.add_argument("--quick", action="store_true", help="the demo's --quick scale (for the tests)")
+    args = parser.parse_args(argv)
+    if not (args.gap / "config.json").exists():
+        raise SystemExit(f"{args.gap} holds no model: run `make demo` first or pass --gap")
+    scale = SCALES["quick" if args.quick else "full"]
+    root, source = fashion_mnist(args.data)
+    images, boxes, labels = test_canvases(args.gap, root, source, scale.canvas, args.images)
+    runs = []
+    for lr in args.lrs:
+        model_dir = train_stream(args.out, f"lr{lr:g}", scale, root, source, args.gap, lr=lr)
+        runs.append({"lr": lr, "val_top1": last_validation(model_dir),
+                     "stages": attention_by_stage(model_dir, images, boxes)})
+    results = {"gap": str(args.gap), "images": args.images, "chance": chance(boxes, scale.canvas), "runs": runs,
+               "probe": classifier_probe(args.gap, images, boxes, labels)}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.md").write_text(markdown(results))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for stage in range(len(runs[0]["stages"])):
+        ax.plot([r["lr"] for r in runs], [r["stages"][stage]["SP"] for r in runs], marker="o", label=f"stage {stage}")
+    ax.axhline(results["chance"], color="gray", linestyle="--", label="chance")
+    ax.set(xscale="log", xlabel="stream learning rate", ylabel="pointing game (%)",
+           title="CA-Stream attention on the demo's canvases")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "attention_by_lr.png", dpi=110)
+    print(markdown(results))
+    print(f"wrote {args.out}/results.json, results.md and attention_by_lr.png")
+
+
+if __name__ == "__main__":
+    main()

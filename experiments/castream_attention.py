@@ -28,26 +28,16 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import zoo  # noqa: E402, F401
-from evaluation.demo import SCALES, fashion_mnist, train_stream  # noqa: E402
+from evaluation.demo import SCALES, batch_of, chance_pointing, fashion_mnist, train_stream  # noqa: E402
 from evaluation.metrics import pointing_game  # noqa: E402
 from evaluation.saliency.core import normalise_per_image  # noqa: E402
-from zoo.data import build_dataset  # noqa: E402
-from zoo.data.transforms import eval_transform  # noqa: E402
 from zoo.hub import read_config  # noqa: E402
 
 
-def test_canvases(model_dir: Path, root: str, source: dict, size: int, count: int):
+def scored_canvases(model_dir: Path, root: str, options: dict, count: int):
     """The first ``count`` test canvases preprocessed for the model, their boxes [count, 4] and labels."""
-    data = build_dataset("fashion-canvas", root, "test", eval_transform(read_config(model_dir)["pretrained_cfg"]),
-                         **source, size=size)
-    samples = [data[i] for i in range(count)]
-    return (torch.stack([image for image, _ in samples]), torch.stack([t["boxes"][0] for _, t in samples]),
-            torch.tensor([t["label"] for _, t in samples]))
-
-
-def chance(boxes: torch.Tensor, size: int) -> float:
-    """Pointing-game chance level (%): the mean share of the canvas the box covers."""
-    return (100 * (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / size**2).mean().item()
+    images, targets = batch_of("fashion-canvas", root, options, read_config(model_dir), count)
+    return images, torch.stack([t["boxes"][0] for t in targets]), torch.tensor([t["label"] for t in targets])
 
 
 def attention_by_stage(model_dir: Path, images: torch.Tensor, boxes: torch.Tensor) -> list[dict]:
@@ -123,13 +113,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.gap} holds no model: run `make demo` first or pass --gap")
     scale = SCALES["quick" if args.quick else "full"]
     root, source = fashion_mnist(args.data)
-    images, boxes, labels = test_canvases(args.gap, root, source, scale.canvas, args.images)
+    options = {**source, "size": scale.canvas}
+    images, boxes, labels = scored_canvases(args.gap, root, options, args.images)
     runs = []
     for lr in args.lrs:
         model_dir = train_stream(args.out, f"lr{lr:g}", scale, root, source, args.gap, lr=lr)
         runs.append({"lr": lr, "val_top1": last_validation(model_dir),
                      "stages": attention_by_stage(model_dir, images, boxes)})
-    results = {"gap": str(args.gap), "images": args.images, "chance": chance(boxes, scale.canvas), "runs": runs,
+    results = {"gap": str(args.gap), "images": args.images, "runs": runs,
+               "chance": chance_pointing("fashion-canvas", root, options, args.images),
                "probe": classifier_probe(args.gap, images, boxes, labels)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(markdown(results))

@@ -11,9 +11,7 @@ chart of the ratios into ``--out``, named by the time of the run.
 """
 
 import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +23,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import zoo  # noqa: E402
-from zoo.measure import device_name, timed  # noqa: E402
+from zoo.measure import device_name, save_run, timed  # noqa: E402
 
 TARGET_RATIO = 0.97
 
@@ -82,9 +80,6 @@ def main(argv=None):
         print(f"{row['model']:26s} {row['gap_img_per_s']:10.2f} {row['castream_img_per_s']:10.2f} {row['ratio']:7.3f} "
               f"{row['ratio_q1']:6.3f}-{row['ratio_q3']:.3f} {100 * row['stream_share']:12.2f}%")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"castream_throughput-{time.strftime('%Y%m%d-%H%M%S')}"  # earlier runs are kept
-    stem.with_suffix(".json").write_text(json.dumps(dict(setting=setting, rows=rows), indent=2))
     fig, ax = plt.subplots(figsize=(1 + 0.9 * len(rows), 3.5))
     errors = [[row["ratio"] - row["ratio_q1"] for row in rows], [row["ratio_q3"] - row["ratio"] for row in rows]]
     ax.bar([row["model"].removesuffix("_castream") for row in rows], [row["ratio"] for row in rows], yerr=errors,
@@ -97,8 +92,7 @@ def main(argv=None):
     ax.legend(fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-    print(f"wrote {stem}.json and {stem}.png")
+    save_run(args.out, "castream_throughput", dict(setting=setting, rows=rows), figure=fig)
 
 
 if __name__ == "__main__":

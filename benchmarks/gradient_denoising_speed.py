@@ -18,7 +18,6 @@ JSON file and a Markdown table into ``--out``, named by the time of the run.
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 import zoo  # noqa: F401  (registers resnet18_cifar and mobilenetv2_cifar with timm)
 from training.gradient_denoising import GradientDenoising
 from training.objectives import Classification
-from zoo.measure import device_name, timed
+from zoo.measure import device_name, save_run, timed
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 IMAGE_SIZE, NUM_CLASSES = 32, 100
@@ -106,11 +105,7 @@ def main(argv=None):
             rows.append(compare(name, MEMORY_FORMATS[key], args.batch, args.repeats, device))
     table = markdown(setting, rows)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"gradient_denoising_speed-{time.strftime('%Y%m%d-%H%M%S')}"  # earlier runs are kept
-    stem.with_suffix(".json").write_text(json.dumps(dict(setting=setting, rows=rows), indent=2))
-    stem.with_suffix(".md").write_text(table + "\n")
-    print(f"wrote {stem}.json and {stem}.md")
+    save_run(args.out, "gradient_denoising_speed", dict(setting=setting, rows=rows), table)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ a bar chart of images/s into ``--out``, named by the time of the run.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 
 from evaluation.metrics.curves import PROTOCOLS, area_under_curve, blur, perturbation_curves  # noqa: E402
 from evaluation.saliency import explain  # noqa: E402
-from zoo.measure import device_name, timed  # noqa: E402
+from zoo.measure import device_name, save_run, timed  # noqa: E402
 from zoo.samples import photo_crops  # noqa: E402
 
 FULL = ["resnet18:released:8", "resnet50:released:4", "resnet18:thesis:1"]
@@ -133,10 +132,6 @@ def main(argv=None):
 
     table = markdown(setting, rows)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"insertion_deletion_speed-{time.strftime('%Y%m%d-%H%M%S')}"  # earlier runs are kept
-    stem.with_suffix(".json").write_text(json.dumps(dict(setting=setting, rows=rows), indent=2))
-    stem.with_suffix(".md").write_text(table + "\n")
     labels = [f"{r['model']}\n{r['protocol']}" for r in rows]
     positions = torch.arange(len(rows)).tolist()
     fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(rows), 3.8))
@@ -147,8 +142,7 @@ def main(argv=None):
     ax.set_title(f"Insertion + deletion speed {setting}", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-    print(f"wrote {stem}.json, {stem}.md and {stem}.png")
+    save_run(args.out, "insertion_deletion_speed", dict(setting=setting, rows=rows), table, fig)
     return rows
 
 

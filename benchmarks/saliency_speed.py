@@ -14,7 +14,6 @@ speed-ups into ``--out``, named by the time of the run.
 """
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from evaluation.metrics import average_drop, average_gain, average_increase  # n
 from evaluation.saliency import default_layer, explain, mask_images, pixel_statistics  # noqa: E402
 from evaluation.saliency.core import normalise_per_image  # noqa: E402
 from evaluation.saliency.opticam import combine, mask_of  # noqa: E402
-from zoo.measure import device_name, timed  # noqa: E402
+from zoo.measure import device_name, save_run, timed  # noqa: E402
 from zoo.samples import photo_crops  # noqa: E402
 
 REFERENCES = {"gradcam": GradCAM, "scorecam": ScoreCAM}
@@ -169,11 +168,6 @@ def main(argv=None):
 
     table = markdown(setting, cam_rows, opticam_rows)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"saliency_speed-{time.strftime('%Y%m%d-%H%M%S')}"  # earlier runs are kept
-    stem.with_suffix(".json").write_text(json.dumps(dict(setting=setting, cams=cam_rows, opticam=opticam_rows),
-                                                    indent=2))
-    stem.with_suffix(".md").write_text(table + "\n")
     labels = [f"{r['method']}\n{r['model']} b{r['batch']}" for r in cam_rows] + \
              [f"opticam\n{r['run']}" for r in opticam_rows[:-1]]
     speedups = [r["speedup"] for r in cam_rows] + [r["speedup_vs_loop"] for r in opticam_rows[:-1]]
@@ -184,8 +178,7 @@ def main(argv=None):
     ax.set_ylabel("speed-up (reference time / ours)")
     ax.set_title(f"Saliency speed {setting}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-    print(f"wrote {stem}.json, {stem}.md and {stem}.png")
+    save_run(args.out, "saliency_speed", dict(setting=setting, cams=cam_rows, opticam=opticam_rows), table, fig)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ matplotlib. Writes a JSON file, a Markdown table and a bar chart into ``--out``,
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from evaluation.saliency import default_layer, explain  # noqa: E402
-from zoo.measure import device_name, gflops, timed  # noqa: E402
+from zoo.measure import device_name, gflops, save_run, timed  # noqa: E402
 from zoo.samples import photo_crops  # noqa: E402
 
 # the thesis' T / 8: seconds per image on a GPU (Table 2.1 for ResNet-50, Table 2.2 for ViT-B)
@@ -138,10 +137,6 @@ def main(argv=None):
 
     table = markdown(setting, rows)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"saliency_transformer_speed-{time.strftime('%Y%m%d-%H%M%S')}"  # earlier runs are kept
-    stem.with_suffix(".json").write_text(json.dumps(dict(setting=setting, rows=rows), indent=2))
-    stem.with_suffix(".md").write_text(table + "\n")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     labels = [f"{method}\n{size} px" for method, size, _, _ in runs]
     for offset, arch in ((-0.2, models[0]), (0.2, models[1])):
@@ -152,8 +147,7 @@ def main(argv=None):
     ax.set_title(f"Saliency on a ViT and a CNN {setting}", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-    print(f"wrote {stem}.json, {stem}.md and {stem}.png")
+    save_run(args.out, "saliency_transformer_speed", dict(setting=setting, rows=rows), table, fig)
 
 
 if __name__ == "__main__":

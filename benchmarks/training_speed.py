@@ -15,7 +15,6 @@ a temporary folder, so a loader bottleneck is not mistaken for model cost. Write
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -35,7 +34,7 @@ import zoo  # noqa: E402, F401
 from training.config import load_recipe  # noqa: E402
 from training.objectives import model_logits  # noqa: E402
 from training.train import build_datasets, build_loaders  # noqa: E402
-from zoo.measure import device_name, timed  # noqa: E402
+from zoo.measure import device_name, save_run, timed  # noqa: E402
 from zoo.samples import photo  # noqa: E402
 
 
@@ -128,9 +127,6 @@ def main(argv=None):
     for row in loading:
         print(f"  {row['workers']} worker processes: {row['img_per_s']:.1f} images/s")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"training_speed-{time.strftime('%Y%m%d-%H%M%S')}"  # earlier runs are kept
-    stem.with_suffix(".json").write_text(json.dumps(dict(setting=setting, steps=steps, loading=loading), indent=2))
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(steps), 3.5))
     labels = [f"{row['model'].removesuffix('_castream')}\n{kind}" for row in steps for kind in ("stream", "finetune")]
     values = [row[f"{kind}_img_per_s"] for row in steps for kind in ("stream", "finetune")]
@@ -142,8 +138,7 @@ def main(argv=None):
     ax.set_title(setting, fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-    print(f"wrote {stem}.json and {stem}.png")
+    save_run(args.out, "training_speed", dict(setting=setting, steps=steps, loading=loading), figure=fig)
 
 
 if __name__ == "__main__":

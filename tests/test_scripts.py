@@ -5,12 +5,13 @@ import runpy
 import sys
 from pathlib import Path
 
+import matplotlib.figure
 import pytest
 import timm
 from PIL import Image
 
 from zoo import quicklook, thesis
-from zoo.measure import parameter_count
+from zoo.measure import parameter_count, save_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +90,14 @@ def test_gradient_denoising_benchmark_times_both_objectives(tmp_path, monkeypatc
     (row,) = json.loads(json_file.read_text())["rows"]
     assert row["model"] == "resnet18_cifar" and row["ratio"] > 1  # five passes instead of two
     assert json_file.with_suffix(".md").exists()
+
+
+def test_benchmark_runs_are_written_beside_earlier_ones_never_over_them(tmp_path, capsys):
+    figure = matplotlib.figure.Figure()
+    stems = [save_run(tmp_path, "speed", {"run": run}, "| a |", figure) for run in range(3)]  # within one second
+    assert len(set(stems)) == 3
+    assert [json.loads(stem.with_suffix(".json").read_text()) for stem in stems] == [{"run": r} for r in range(3)]
+    assert all(stem.with_suffix(".md").read_text() == "| a |\n" and stem.with_suffix(".png").exists() for stem in stems)
+    assert f"wrote {stems[0]}.json, {stems[0]}.md, {stems[0]}.png" in capsys.readouterr().out
+    only_json = save_run(tmp_path / "other", "speed", {})
+    assert sorted(path.name for path in only_json.parent.iterdir()) == [only_json.name + ".json"]

@@ -1,12 +1,14 @@
 """Model size and cost, measured the same way for every model."""
 
+import json
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["device_name", "gflops", "parameter_count", "timed"]
+__all__ = ["device_name", "gflops", "parameter_count", "save_run", "timed"]
 
 
 def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
@@ -41,3 +43,24 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
 def device_name(device: torch.device) -> str:
     """The device as benchmark tables name it: the GPU's model, or the CPU with its thread count."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
+def save_run(out: Path, name: str, results: dict, table: str | None = None, figure=None) -> Path:
+    """One benchmark run written into ``out`` as ``<name>-<date-time>.json``, with ``.md`` for a Markdown
+    ``table`` and ``.png`` for a matplotlib ``figure``, beside the earlier runs and never over one; the stem."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for count in range(1, 1000):
+        if not any(out.glob(f"{stem.name}.*")):
+            break
+        stem = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{count}"
+    written = [stem.with_suffix(".json")]
+    written[0].write_text(json.dumps(results, indent=2))
+    if table is not None:
+        written.append(stem.with_suffix(".md"))
+        written[-1].write_text(table + "\n")
+    if figure is not None:
+        written.append(stem.with_suffix(".png"))
+        figure.savefig(written[-1], dpi=110)
+    print("wrote " + ", ".join(str(path) for path in written))
+    return stem

@@ -3,14 +3,16 @@
     python benchmarks/saliency_speed.py [--quick] [--device cpu|cuda] [--out results/benchmark]
 
 1. Grad-CAM and Score-CAM against pytorch-grad-cam (test-only extra) on the same model, batch and
-   images: seconds per batch, speed-up, and how far apart the maps are.
-2. Opti-CAM: ours on a whole batch, ours one image at a time, and a straightforward per-image loop
-   (the method as written in the paper: features once, Adam for all iterations, a model left as it
-   comes, i.e. with parameter gradients), with AD / AG / AI of each to show they are equal.
+   images: seconds per batch, speed-up, and how far apart the maps are; Score-CAM also with its
+   forwards under autocast to ``--amp-dtype``.
+2. Opti-CAM: ours on a whole batch (float32 and under autocast), ours one image at a time, and a
+   straightforward per-image loop (the method as written in the paper: features once, Adam for all
+   iterations, a model left as it comes, i.e. with parameter gradients), with AD / AG / AI of each.
 
-Models are random-initialised timm models (no weights can be downloaded here); images are crops of a
-photograph shipped with matplotlib. Writes a JSON file, a Markdown table and a bar chart of the
-speed-ups into ``--out``, named by the time of the run.
+Models are random-initialised timm models (no weights can be downloaded here), or for Opti-CAM a
+trained one given as ``local-dir:FOLDER`` (e.g. a model the demo trained: the AD / AG / AI of a
+random model mean nothing); images are crops of a photograph shipped with matplotlib. Writes a JSON
+file, a Markdown table and a bar chart of the speed-ups into ``--out``, named by the time of the run.
 """
 
 import argparse
@@ -45,7 +47,7 @@ FULL = [("gradcam", "resnet18", 8, 224), ("gradcam", "resnet18", 32, 224), ("gra
 QUICK = [("gradcam", "resnet18", 2, 64), ("scorecam", "resnet18", 2, 64)]
 
 
-def against_pytorch_grad_cam(method, arch, batch, size, device, rounds):
+def against_pytorch_grad_cam(method, arch, batch, size, device, rounds, amp_dtype):
     torch.manual_seed(0)
     model = timm.create_model(arch).eval().to(device)
     images = photo_crops(model, batch, size).to(device)
@@ -57,21 +59,28 @@ def against_pytorch_grad_cam(method, arch, batch, size, device, rounds):
         with REFERENCES[method](model=model, target_layers=[layer]) as cam:
             return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
 
-    def ours():
-        return explain(model, images, method, targets).cpu().numpy()
+    def ours(**options):
+        return lambda: explain(model, images, method, targets, **options).cpu().numpy()
 
-    runs, times, maps = {"ours": ours, "theirs": theirs}, {"ours": [], "theirs": []}, {}
-    for r in range(rounds):  # alternate, so both see the same machine load
+    runs = {"ours": ours(), "theirs": theirs}
+    if method == "scorecam" and amp_dtype:
+        runs["ours_amp"] = ours(amp_dtype=amp_dtype)
+    times, maps = {name: [] for name in runs}, {}
+    for r in range(rounds):  # alternate, so all see the same machine load
         for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
             seconds, maps[name] = timed(runs[name], device)
             times[name].append(seconds)
-    ours_maps, their_maps = maps["ours"], maps["theirs"]
-    ours_s, theirs_s = times["ours"], times["theirs"]
-    correlations = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ours_maps, their_maps, strict=True)]
-    return dict(method=method, model=arch, batch=batch, size=size, ours_s=float(np.median(ours_s)),
-                theirs_s=float(np.median(theirs_s)), speedup=float(np.median(theirs_s) / np.median(ours_s)),
-                max_abs_diff=float(np.abs(ours_maps - their_maps).max()),
-                min_correlation=float(np.nanmin(correlations)))
+    theirs_s = float(np.median(times["theirs"]))
+    row = dict(method=method, model=arch, batch=batch, size=size, theirs_s=theirs_s)
+    for name in (name for name in runs if name.startswith("ours")):
+        pairs = zip(maps[name], maps["theirs"], strict=True)
+        correlations = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in pairs]
+        suffix = name.removeprefix("ours")
+        row.update({f"ours{suffix}_s": float(np.median(times[name])),
+                    f"speedup{suffix}": theirs_s / float(np.median(times[name])),
+                    f"max_abs_diff{suffix}": float(np.abs(maps[name] - maps["theirs"]).max()),
+                    f"min_correlation{suffix}": float(np.nanmin(correlations))})
+    return row
 
 
 def straightforward_opticam(model, image, target, layer, iterations, lr, mean, std):
@@ -100,9 +109,9 @@ def interpretability(model, images, maps, targets, mean, std):
     return dict(AD=average_drop(p, o).item(), AG=average_gain(p, o).item(), AI=average_increase(p, o).item())
 
 
-def opticam_comparison(arch, count, size, iterations, device):
+def opticam_comparison(arch, count, size, iterations, device, amp_dtype):
     torch.manual_seed(0)
-    model = timm.create_model(arch).eval().to(device)
+    model = timm.create_model(arch, pretrained=arch.startswith("local-dir:")).eval().to(device)
     images = photo_crops(model, count, size).to(device)
     with torch.no_grad():
         targets = model(images).argmax(1)
@@ -110,6 +119,8 @@ def opticam_comparison(arch, count, size, iterations, device):
     layer = default_layer(model)
     runs = {
         "ours, whole batch": lambda: explain(model, images, "opticam", targets, iterations=iterations),
+        **({f"ours, whole batch, {amp_dtype} autocast": lambda: explain(
+            model, images, "opticam", targets, iterations=iterations, amp_dtype=amp_dtype)} if amp_dtype else {}),
         "ours, one image at a time": lambda: torch.cat([
             explain(model, images[i:i + 1], "opticam", targets[i:i + 1], iterations=iterations)
             for i in range(count)]),
@@ -129,12 +140,16 @@ def opticam_comparison(arch, count, size, iterations, device):
     return rows
 
 
-def markdown(setting, cam_rows, opticam_rows):
+def markdown(setting, amp_dtype, cam_rows, opticam_rows):
     lines = [f"Measured {setting}.", "",
-             "| method | model | batch | px | ours s/batch | pytorch-grad-cam s/batch | speed-up | max abs diff |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['model']} | {r['batch']} | {r['size']} | {r['ours_s']:.3f} | {r['theirs_s']:.3f} "
-              f"| {r['speedup']:.2f}x | {r['max_abs_diff']:.1e} |" for r in cam_rows]
+             "| method | model | batch | px | pytorch-grad-cam s/batch | ours s/batch | speed-up | max abs diff "
+             f"| ours, {amp_dtype} autocast, s/batch | speed-up | max abs diff | min correlation |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in cam_rows:
+        amp = (f"{r['ours_amp_s']:.3f} | {r['speedup_amp']:.2f}x | {r['max_abs_diff_amp']:.1e} | "
+               f"{r['min_correlation_amp']:.4f}" if "ours_amp_s" in r else "- | - | - | -")
+        lines.append(f"| {r['method']} | {r['model']} | {r['batch']} | {r['size']} | {r['theirs_s']:.3f} | "
+                     f"{r['ours_s']:.3f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.1e} | {amp} |")
     lines += ["", "| Opti-CAM run | model | images | px | iterations | s | images/s | speed-up vs loop "
                   "| AD | AG | AI |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['model']} | {r['images']} | {r['size']} | {r['iterations']} | {r['seconds']:.1f} | "
@@ -149,28 +164,36 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds for Grad-CAM (median)")
     parser.add_argument("--opticam", nargs=4, metavar=("MODEL", "IMAGES", "PX", "ITERATIONS"),
-                        default=["resnet18", "32", "112", "100"])
+                        default=["resnet18", "32", "112", "100"], help="MODEL: a timm name or local-dir:FOLDER")
+    parser.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16", "none"),
+                        help="autocast dtype of the extra Score-CAM and Opti-CAM runs (none: no such runs)")
+    parser.add_argument("--no-cams", action="store_true", help="only the Opti-CAM comparison")
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     where = device_name(device)
     setting = f"on {where}, {time.strftime('%Y-%m-%d')}"
+    amp_dtype = None if args.amp_dtype == "none" else args.amp_dtype
 
     cam_rows = []
-    for method, arch, batch, size in QUICK if args.quick else FULL:
+    for method, arch, batch, size in [] if args.no_cams else QUICK if args.quick else FULL:
         print(f"{method} {arch} batch {batch} at {size} px ...", flush=True)
         rounds = args.rounds if method == "gradcam" else 1
-        cam_rows.append(against_pytorch_grad_cam(method, arch, batch, size, device, rounds))
+        cam_rows.append(against_pytorch_grad_cam(method, arch, batch, size, device, rounds, amp_dtype))
     arch, count, size, iterations = args.opticam
     if args.quick:
         count, size, iterations = 2, 32, 2
-    opticam_rows = opticam_comparison(arch, int(count), int(size), int(iterations), device)
+    opticam_rows = opticam_comparison(arch, int(count), int(size), int(iterations), device, amp_dtype)
 
-    table = markdown(setting, cam_rows, opticam_rows)
+    table = markdown(setting, amp_dtype, cam_rows, opticam_rows)
     print(table)
-    labels = [f"{r['method']}\n{r['model']} b{r['batch']}" for r in cam_rows] + \
-             [f"opticam\n{r['run']}" for r in opticam_rows[:-1]]
-    speedups = [r["speedup"] for r in cam_rows] + [r["speedup_vs_loop"] for r in opticam_rows[:-1]]
+    bars = []
+    for r in cam_rows:
+        bars.append((f"{r['method']}\n{r['model']} b{r['batch']}", r["speedup"]))
+        if "speedup_amp" in r:
+            bars.append((f"{r['method']} {amp_dtype}\n{r['model']} b{r['batch']}", r["speedup_amp"]))
+    bars += [(f"opticam\n{r['run']}", r["speedup_vs_loop"]) for r in opticam_rows[:-1]]
+    labels, speedups = zip(*bars, strict=True)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(labels), 3.8))
     ax.bar(range(len(labels)), speedups)
     ax.axhline(1.0, color="gray", linewidth=0.8)

@@ -83,6 +83,17 @@ def test_voc_explains_every_positive_class_and_reports_map(tmp_path):
     assert results["methods"]["box"]["SP"] == 100
 
 
+def test_method_options_reach_the_method_and_are_recorded(tmp_path):
+    make_image_folder(tmp_path / "data")
+    _, results = run(tmp_path, "resnet18", "--dataset", "imagenet-folder", "--data-root", str(tmp_path / "data"),
+                     "--methods", "scorecam", "--option", "scorecam.amp_dtype=bfloat16", "--metrics", "faithfulness",
+                     "--limit", "2")
+    assert results["protocol"]["method_options"] == {"scorecam": {"amp_dtype": "bfloat16"}}
+    with pytest.raises(ValueError, match="amp_dtype must be one of bfloat16, float16"):
+        run(tmp_path / "bad", "resnet18", "--dataset", "imagenet-folder", "--data-root", str(tmp_path / "data"),
+            "--methods", "scorecam", "--option", "scorecam.amp_dtype=int8", "--metrics", "faithfulness", "--limit", "2")
+
+
 def test_a_dataset_without_boxes_skips_localisation(tmp_path, capsys):
     make_image_folder(tmp_path / "data")
     _, results = run(tmp_path, "resnet18", "--dataset", "imagenet-folder", "--data-root", str(tmp_path / "data"),

@@ -198,6 +198,26 @@ def test_opticam_raises_the_target_logit_of_the_masked_image(resnet):
         assert torch.isfinite(explain(resnet, images, "opticam", targets, iterations=3, **options)).all()
 
 
+@pytest.mark.parametrize("method, options", [("scorecam", {}), ("opticam", dict(iterations=5))])
+def test_amp_dtype_runs_only_the_repeated_passes_in_bfloat16(resnet, method, options):
+    images, targets = photo_batch(resnet, size=64), torch.tensor([3, 17, 500])
+    dtypes = []
+    handle = resnet.conv1.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    try:
+        exact = explain(resnet, images, method, targets, **options)
+        del dtypes[:]
+        amp = explain(resnet, images, method, targets, amp_dtype="bfloat16", **options)
+    finally:
+        handle.remove()
+    assert amp.dtype == torch.float32 and torch.isfinite(amp).all()
+    # the capture stays float32 (features and masks exact); every later pass is bfloat16
+    assert dtypes[0] == torch.float32 and set(dtypes[1:]) == {torch.bfloat16}
+    if method == "opticam":  # rounded logits repeat, so under amp no image stops early by default
+        assert len(dtypes) == 1 + options["iterations"]
+    assert_same_maps(amp, exact)
+    assert torch.is_autocast_enabled("cpu") is False
+
+
 def test_opticam_mask_normalisations_by_hand():
     saliency = torch.tensor([[[0.0, 2.0], [4.0, 8.0]]])
     torch.testing.assert_close(mask_of(saliency, (2, 2), "range"), saliency / 8, atol=1e-6, rtol=0)
@@ -240,6 +260,8 @@ def test_cam_uses_the_classifier_weights(resnet):
     (lambda m, x: explain(m, x.to(torch.uint8), "gradcam"), "got torch.uint8"),
     (lambda m, x: explain(m, x, "attention"), "attention needs a zoo model with built-in saliency"),
     (lambda m, x: explain(m, x, "opticam", objective="logit"), "opticam objective must be one of"),
+    (lambda m, x: explain(m, x, "scorecam", amp_dtype="float64"), "amp_dtype must be one of bfloat16, float16"),
+    (lambda m, x: explain(m, x, "gradcam", amp_dtype=torch.bfloat16), "gradcam takes no option amp_dtype"),
     (lambda m, x: explain(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), x, "gradcam"), "no default layer"),
 ])
 def test_bad_input_is_named(resnet, call, message):

@@ -66,10 +66,12 @@ def _chunks(count: int, size: int):
 
 
 @saliency_method("scorecam")
-def scorecam(ex: Explainer, batch_size: int = 32) -> torch.Tensor:
+def scorecam(ex: Explainer, batch_size: int = 32, amp_dtype: torch.dtype | str | None = None) -> torch.Tensor:
     """Score-CAM (eq. 1.6-1.7): softmax over channels of the target logit of the image masked by each
     channel's upsampled, min-max normalised map. Channels of one image whose maps are equal after
-    min-max normalisation (all constant maps, for one) give the same mask: each mask is run once."""
+    min-max normalisation (all constant maps, for one) give the same mask: each mask is run once.
+    ``amp_dtype`` runs the masked images' forwards under autocast (the maps and masks stay float32)."""
+    amp = ex.autocast(amp_dtype)
     capture = ex.capture()
     acts = capture.activations
     batch, channels, height, width = acts.shape
@@ -81,8 +83,9 @@ def scorecam(ex: Explainer, batch_size: int = 32) -> torch.Tensor:
     for b in range(batch):
         unique, inverse = torch.unique(shapes[b], dim=0, return_inverse=True)
         masks = unique.view(-1, height, width)
-        unique_scores = [ex.logits(ex.images[b] * normalise_per_image(masks[part], size)[:, None])[:, ex.targets[b]]
-                         for part in _chunks(len(masks), batch_size)]
+        with amp:
+            unique_scores = [ex.logits(ex.images[b] * normalise_per_image(masks[part], size)[:, None])[:, ex.targets[b]]
+                             for part in _chunks(len(masks), batch_size)]
         scores[b] = torch.cat(unique_scores)[inverse]
     return weighted_map(acts, scores.softmax(1))
 

@@ -8,7 +8,7 @@ resolution) and ``explain`` turns it into ``[B, H, W]`` in [0, 1].
 
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,7 @@ __all__ = ["METHODS", "Explainer", "default_layer", "explain", "mask_images", "p
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {}
 _ALIASES: dict[str, str] = {}
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def saliency_method(name: str, *aliases: str):
@@ -150,7 +151,17 @@ class Explainer:
         return next(name for name, module in self.model.named_modules() if module is self.layer)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model(x))
+        return logits_of(self.model(x)).float()
+
+    def autocast(self, amp_dtype: torch.dtype | str | None) -> AbstractContextManager:
+        """``torch.autocast`` to ``amp_dtype`` (``bfloat16`` or ``float16``, a dtype or its name) on the
+        images' device, for the passes whose many forwards make a method's cost; None: float32 as is."""
+        if amp_dtype is None:
+            return nullcontext()
+        name = str(amp_dtype).removeprefix("torch.")
+        if name not in AMP_DTYPES:
+            raise ValueError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)} or None (float32), got {amp_dtype!r}")
+        return torch.autocast(self.images.device.type, dtype=AMP_DTYPES[name])
 
     def score(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Target logit of each row; ``rows`` maps rows to images when they are not one per image."""

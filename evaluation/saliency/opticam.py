@@ -36,16 +36,23 @@ def mask_of(saliency: torch.Tensor, size: tuple[int, int], normalisation: str) -
 
 @saliency_method("opticam")
 def opticam(ex: Explainer, iterations: int = 100, lr: float = 0.1, objective: str = "mask",
-            normalisation: str = "range", tolerance: float = 1e-10, mean=None, std=None) -> torch.Tensor:
+            normalisation: str = "range", tolerance: float | None = None, mean=None, std=None,
+            amp_dtype: torch.dtype | str | None = None) -> torch.Tensor:
     """Opti-CAM map ``S(x; u*)``. ``objective``: ``mask`` maximises the target logit of the masked image
     (eq. 2.6), ``diff`` minimises its distance to the logit of the image (eq. 2.12). ``normalisation``
     of the mask: ``range`` (min-max), ``max`` or ``sigmoid``. An image stops when its loss changes by
-    less than ``tolerance``. ``mean``/``std``: the model's input normalisation (default: its data config).
+    less than ``tolerance`` (default 1e-10; 0: never). ``mean``/``std``: the model's input normalisation
+    (default: its data config). ``amp_dtype`` runs the iterations' passes through the model under
+    autocast (features, weights and masks stay float32); its rounded logits repeat between iterations
+    long before convergence, so there the default tolerance is 0.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"opticam objective must be one of {OBJECTIVES}, got {objective!r}")
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"opticam normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    amp = ex.autocast(amp_dtype)
+    if tolerance is None:
+        tolerance = 1e-10 if amp_dtype is None else 0.0
     capture = ex.capture()
     features = capture.activations.relu()
     original = ex.score(capture.logits)
@@ -59,7 +66,8 @@ def opticam(ex: Explainer, iterations: int = 100, lr: float = 0.1, objective: st
     for _ in range(iterations):
         rows = active.nonzero().squeeze(1)
         mask = mask_of(combine(weights[rows], features[rows]), size, normalisation)
-        score = ex.score(ex.logits(mask_images(ex.images[rows], mask, mean, std)), rows)
+        with amp:
+            score = ex.score(ex.logits(mask_images(ex.images[rows], mask, mean, std)), rows)
         loss = -score if objective == "mask" else (original[rows] - score).abs()
         optimizer.zero_grad()
         loss.sum().backward()

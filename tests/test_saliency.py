@@ -198,7 +198,7 @@ def test_opticam_raises_the_target_logit_of_the_masked_image(resnet):
         assert torch.isfinite(explain(resnet, images, "opticam", targets, iterations=3, **options)).all()
 
 
-@pytest.mark.parametrize("method, options", [("scorecam", {}), ("opticam", dict(iterations=5))])
+@pytest.mark.parametrize("method, options", [("scorecam", {}), ("opticam", dict(iterations=20))])
 def test_amp_dtype_runs_only_the_repeated_passes_in_bfloat16(resnet, method, options):
     images, targets = photo_batch(resnet, size=64), torch.tensor([3, 17, 500])
     dtypes = []
@@ -207,13 +207,16 @@ def test_amp_dtype_runs_only_the_repeated_passes_in_bfloat16(resnet, method, opt
         exact = explain(resnet, images, method, targets, **options)
         del dtypes[:]
         amp = explain(resnet, images, method, targets, amp_dtype="bfloat16", **options)
+        # the capture stays float32 (features and masks exact); every later pass is bfloat16
+        assert dtypes[0] == torch.float32 and set(dtypes[1:]) == {torch.bfloat16}
+        if method == "opticam":  # by default no early stop; with float32's tolerance rounded logits stop it here
+            assert len(dtypes) == 1 + options["iterations"]
+            del dtypes[:]
+            explain(resnet, images, method, targets, amp_dtype="bfloat16", tolerance=1e-10, **options)
+            assert len(dtypes) < 1 + options["iterations"]
     finally:
         handle.remove()
     assert amp.dtype == torch.float32 and torch.isfinite(amp).all()
-    # the capture stays float32 (features and masks exact); every later pass is bfloat16
-    assert dtypes[0] == torch.float32 and set(dtypes[1:]) == {torch.bfloat16}
-    if method == "opticam":  # rounded logits repeat, so under amp no image stops early by default
-        assert len(dtypes) == 1 + options["iterations"]
     assert_same_maps(amp, exact)
     assert torch.is_autocast_enabled("cpu") is False
 

@@ -13,8 +13,11 @@ the loss: the gradient-denoising loss of the first step is printed per format to
 is not offered: its aot_autograd does not support double backward, which the regulariser needs. MobileNet-V2
 pays far more than 2.5x, at least on a CPU: torch's double backward of a grouped convolution
 (``aten::_convolution_double_backward``) runs one convolution per group, about 7,000 per step for its
-depthwise layers, and batch norm's double backward is costly too (profiled: ~40% and ~28% of a step). Writes a
-JSON file and a Markdown table into ``--out``, named by the time of the run.
+depthwise layers, and batch norm's double backward is costly too (profiled: ~40% and ~28% of a step). One more
+step of each objective runs under ``torch.profiler``: the time its convolutions take (operators whose name
+has "convolution", self time on the device that ran them) gives the ratio convolutions alone would set, and
+the largest other operators of the GD step show what lies above it. Writes a JSON file and a Markdown table
+into ``--out``, named by the time of the run.
 """
 
 import argparse
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import timm
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import zoo  # noqa: F401  (registers resnet18_cifar and mobilenetv2_cifar with timm)
 from training.gradient_denoising import GradientDenoising
@@ -60,10 +64,28 @@ def compare(name, memory_format, batch, repeats, device):
         print(f"  {name} {memory_format_name(memory_format)} repetition {r + 1}/{repeats}: "
               f"standard {times['standard'][-1]:.2f} s, denoising {times['denoising'][-1]:.2f} s", flush=True)
     ratios = [d / s for d, s in zip(times["denoising"], times["standard"], strict=True)]
-    return dict(model=name, memory_format=memory_format_name(memory_format), batch=batch, repeats=repeats,
+    profiled = {key: profiled_step(model, optimiser, objective, images, labels, device)
+                for key, objective in objectives.items()}
+    others = {key: t for key, t in profiled["denoising"][2].items() if "convolution" not in key}
+    return dict(conv_ratio=profiled["denoising"][0] / profiled["standard"][0],
+                conv_share={key: conv / total for key, (conv, total, _) in profiled.items()},
+                largest_other_ops=dict(sorted(others.items(), key=lambda item: -item[1])[:4]),
+                model=name, memory_format=memory_format_name(memory_format), batch=batch, repeats=repeats,
                 standard_s=statistics.median(times["standard"]), denoising_s=statistics.median(times["denoising"]),
                 ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
                 first_denoising_loss=first_loss["denoising"], times=times)
+
+
+def profiled_step(model, optimiser, objective, images, labels, device):
+    """(seconds spent in convolutions, in all operators, {operator: seconds}) of one profiled step."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        training_step(model, optimiser, objective, images, labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    seconds = {event.key: getattr(event, field) / 1e6 for event in prof.key_averages()}
+    return sum(t for key, t in seconds.items() if "convolution" in key), sum(seconds.values()), seconds
 
 
 def memory_format_name(memory_format):
@@ -73,11 +95,14 @@ def memory_format_name(memory_format):
 def markdown(setting, rows):
     lines = [f"Measured {setting}.", "",
              "| model | memory format | standard step s | GD step s | GD / standard (min-max) | GD img/s "
-             "| GD loss, first step |",
-             "|---|---|---|---|---|---|---|"]
+             "| GD loss, first step | convolutions alone: GD / standard | convolutions' share, standard / GD "
+             "| largest other operators of the GD step (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['memory_format']} | {r['standard_s']:.2f} | {r['denoising_s']:.2f} | "
               f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['batch'] / r['denoising_s']:.1f} | "
-              f"{r['first_denoising_loss']:.6f} |" for r in rows]
+              f"{r['first_denoising_loss']:.6f} | {r['conv_ratio']:.2f}x | {r['conv_share']['standard']:.0%} / "
+              f"{r['conv_share']['denoising']:.0%} | "
+              f"{', '.join(f'{key} {t:.2f}' for key, t in r['largest_other_ops'].items())} |" for r in rows]
     return "\n".join(lines)
 
 

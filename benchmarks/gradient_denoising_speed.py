@@ -13,10 +13,11 @@ the loss: the gradient-denoising loss of the first step is printed per format to
 is not offered: its aot_autograd does not support double backward, which the regulariser needs. MobileNet-V2
 pays far more than 2.5x, at least on a CPU: torch's double backward of a grouped convolution
 (``aten::_convolution_double_backward``) runs one convolution per group, about 7,000 per step for its
-depthwise layers, and batch norm's double backward is costly too (profiled: ~40% and ~28% of a step). One more
-step of each objective runs under ``torch.profiler``: the time its convolutions take (operators whose name
-has "convolution", self time on the device that ran them) gives the ratio convolutions alone would set, and
-the largest other operators of the GD step show what lies above it. Writes a JSON file and a Markdown table
+depthwise layers, and batch norm's double backward is costly too (profiled: ~40% and ~28% of a step). On a CPU, one
+more step of each objective runs under ``torch.profiler``: the time its convolutions take (the self time of
+operators whose name has "convolution") gives the ratio convolutions alone would set, and the largest other
+operators of the GD step show what lies above it (on a GPU, kernels and the operators that launch them would
+need matching first; not done). Writes a JSON file and a Markdown table
 into ``--out``, named by the time of the run.
 """
 
@@ -64,28 +65,26 @@ def compare(name, memory_format, batch, repeats, device):
         print(f"  {name} {memory_format_name(memory_format)} repetition {r + 1}/{repeats}: "
               f"standard {times['standard'][-1]:.2f} s, denoising {times['denoising'][-1]:.2f} s", flush=True)
     ratios = [d / s for d, s in zip(times["denoising"], times["standard"], strict=True)]
-    profiled = {key: profiled_step(model, optimiser, objective, images, labels, device)
-                for key, objective in objectives.items()}
-    others = {key: t for key, t in profiled["denoising"][2].items() if "convolution" not in key}
-    return dict(conv_ratio=profiled["denoising"][0] / profiled["standard"][0],
-                conv_share={key: conv / total for key, (conv, total, _) in profiled.items()},
-                largest_other_ops=dict(sorted(others.items(), key=lambda item: -item[1])[:4]),
+    return dict(**(convolution_profile(model, optimiser, objectives, images, labels) if device.type == "cpu" else {}),
                 model=name, memory_format=memory_format_name(memory_format), batch=batch, repeats=repeats,
                 standard_s=statistics.median(times["standard"]), denoising_s=statistics.median(times["denoising"]),
                 ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
                 first_denoising_loss=first_loss["denoising"], times=times)
 
 
-def profiled_step(model, optimiser, objective, images, labels, device):
-    """(seconds spent in convolutions, in all operators, {operator: seconds}) of one profiled step."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        training_step(model, optimiser, objective, images, labels)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    seconds = {event.key: getattr(event, field) / 1e6 for event in prof.key_averages()}
-    return sum(t for key, t in seconds.items() if "convolution" in key), sum(seconds.values()), seconds
+def convolution_profile(model, optimiser, objectives, images, labels):
+    """One CPU-profiled step of each objective: GD / standard time in convolutions, their share of each step,
+    and the four operators other than convolutions that take the GD step longest (seconds)."""
+    seconds = {}
+    for key, objective in objectives.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            training_step(model, optimiser, objective, images, labels)
+        seconds[key] = {event.key: event.self_cpu_time_total / 1e6 for event in prof.key_averages()}
+    conv = {key: sum(t for op, t in ops.items() if "convolution" in op) for key, ops in seconds.items()}
+    others = sorted(((op, t) for op, t in seconds["denoising"].items() if "convolution" not in op), key=lambda x: -x[1])
+    return dict(conv_ratio=conv["denoising"] / conv["standard"],
+                conv_share={key: conv[key] / sum(ops.values()) for key, ops in seconds.items()},
+                largest_other_ops=dict(others[:4]))
 
 
 def memory_format_name(memory_format):
@@ -98,11 +97,14 @@ def markdown(setting, rows):
              "| GD loss, first step | convolutions alone: GD / standard | convolutions' share, standard / GD "
              "| largest other operators of the GD step (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['memory_format']} | {r['standard_s']:.2f} | {r['denoising_s']:.2f} | "
-              f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['batch'] / r['denoising_s']:.1f} | "
-              f"{r['first_denoising_loss']:.6f} | {r['conv_ratio']:.2f}x | {r['conv_share']['standard']:.0%} / "
-              f"{r['conv_share']['denoising']:.0%} | "
-              f"{', '.join(f'{key} {t:.2f}' for key, t in r['largest_other_ops'].items())} |" for r in rows]
+    for r in rows:
+        profiled = "- | - | -"
+        if "conv_ratio" in r:
+            shares, others = r["conv_share"], ", ".join(f"{op} {t:.2f}" for op, t in r["largest_other_ops"].items())
+            profiled = f"{r['conv_ratio']:.2f}x | {shares['standard']:.0%} / {shares['denoising']:.0%} | {others}"
+        lines.append(f"| {r['model']} | {r['memory_format']} | {r['standard_s']:.2f} | {r['denoising_s']:.2f} | "
+                     f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+                     f"{r['batch'] / r['denoising_s']:.1f} | {r['first_denoising_loss']:.6f} | {profiled} |")
     return "\n".join(lines)
 
 

@@ -10,21 +10,23 @@ format the two objectives alternate within every repetition (so both see the sam
 warm-up step each; the median step times are reported with the median of the per-repetition ratios
 GD / standard (the thesis counts 5 passes against 2, about 2.5x). ``channels_last`` changes the speed, not
 the loss: the gradient-denoising loss of the first step is printed per format to show it. ``torch.compile``
-is not offered: its aot_autograd does not support double backward, which the regulariser needs. MobileNet-V2
-pays far more than 2.5x, at least on a CPU: torch's double backward of a grouped convolution
-(``aten::_convolution_double_backward``) runs one convolution per group, about 7,000 per step for its
-depthwise layers, and batch norm's double backward is costly too (profiled: ~40% and ~28% of a step). On a CPU, one
-more step of each objective runs under ``torch.profiler``: the time its convolutions take (the self time of
-operators whose name has "convolution") gives the ratio convolutions alone would set, and the largest other
-operators of the GD step show what lies above it (on a GPU, kernels and the operators that launch them would
-need matching first; not done). Writes a JSON file and a Markdown table
-into ``--out``, named by the time of the run.
+is not offered: its aot_autograd does not support double backward, which the regulariser needs. The
+objective records its convolutions as ``training.double_backward`` nodes; a third objective, the same with
+torch's own convolutions and their double backward (with its per-group loop for grouped convolutions), is
+timed beside it. On a CPU, three more steps of each objective run under ``torch.profiler`` (medians kept):
+the time their convolutions take (the self time of operators whose name has "convolution") gives the ratio
+convolutions alone would set, and the largest other operators of the GD step show what lies above it (on a
+GPU, kernels and the operators that launch them would need matching first; not done). Writes a JSON file
+and a Markdown table into ``--out``, named by the time of the run.
 """
 
 import argparse
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import timm
 import torch
@@ -47,13 +49,27 @@ def training_step(model, optimiser, objective, images, labels):
     return step.loss.item()
 
 
+@contextmanager
+def _torch_convolutions():
+    yield SimpleNamespace(input_gradients_only=nullcontext)
+
+
+class WithTorchConvolutions(GradientDenoising):
+    """Gradient denoising through torch's own convolutions: what ``training.double_backward`` replaces."""
+
+    def __call__(self, model, images, labels):
+        with mock.patch("training.gradient_denoising.transposable_convolutions", _torch_convolutions):
+            return super().__call__(model, images, labels)
+
+
 def compare(name, memory_format, batch, repeats, device):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=NUM_CLASSES).train().to(device, memory_format=memory_format)
     images = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(NUM_CLASSES, (batch,), device=device)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    objectives = {"denoising": GradientDenoising(), "standard": Classification()}
+    objectives = {"denoising": GradientDenoising(), "torch_convolutions": WithTorchConvolutions(),
+                  "standard": Classification()}
     first_loss = {key: training_step(model, optimiser, objective, images, labels)  # warm-up
                   for key, objective in objectives.items()}
     times = {key: [] for key in objectives}
@@ -63,28 +79,37 @@ def compare(name, memory_format, batch, repeats, device):
                                device)
             times[key].append(seconds)
         print(f"  {name} {memory_format_name(memory_format)} repetition {r + 1}/{repeats}: "
-              f"standard {times['standard'][-1]:.2f} s, denoising {times['denoising'][-1]:.2f} s", flush=True)
-    ratios = [d / s for d, s in zip(times["denoising"], times["standard"], strict=True)]
+              + ", ".join(f"{key} {times[key][-1]:.2f} s" for key in objectives), flush=True)
+    ratios = {key: [t / s for t, s in zip(times[key], times["standard"], strict=True)]
+              for key in ("denoising", "torch_convolutions")}
     return dict(**(convolution_profile(model, optimiser, objectives, images, labels) if device.type == "cpu" else {}),
                 model=name, memory_format=memory_format_name(memory_format), batch=batch, repeats=repeats,
                 standard_s=statistics.median(times["standard"]), denoising_s=statistics.median(times["denoising"]),
-                ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                ratio=statistics.median(ratios["denoising"]), ratio_min=min(ratios["denoising"]),
+                ratio_max=max(ratios["denoising"]),
+                ratio_torch_convolutions=statistics.median(ratios["torch_convolutions"]),
                 first_denoising_loss=first_loss["denoising"], times=times)
 
 
-def convolution_profile(model, optimiser, objectives, images, labels):
-    """One CPU-profiled step of each objective: GD / standard time in convolutions, their share of each step,
-    and the four operators other than convolutions that take the GD step longest (seconds)."""
-    seconds = {}
-    for key, objective in objectives.items():
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            training_step(model, optimiser, objective, images, labels)
-        seconds[key] = {event.key: event.self_cpu_time_total / 1e6 for event in prof.key_averages()}
-    conv = {key: sum(t for op, t in ops.items() if "convolution" in op) for key, ops in seconds.items()}
-    others = sorted(((op, t) for op, t in seconds["denoising"].items() if "convolution" not in op), key=lambda x: -x[1])
+def convolution_profile(model, optimiser, objectives, images, labels, rounds=3):
+    """CPU-profiled steps of each objective, alternated over ``rounds``: GD / standard time in convolutions, their
+    share of each step, and the four operators other than convolutions that take the GD step longest (seconds);
+    medians over the rounds, as a single step may be hit by the machine's other load."""
+    seconds = {key: [] for key in objectives}
+    for r in range(rounds):
+        for key in list(objectives) if r % 2 == 0 else list(objectives)[::-1]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                training_step(model, optimiser, objectives[key], images, labels)
+            seconds[key].append({event.key: event.self_cpu_time_total / 1e6 for event in prof.key_averages()})
+    conv = {key: statistics.median(sum(t for op, t in ops.items() if "convolution" in op) for ops in runs)
+            for key, runs in seconds.items()}
+    total = {key: statistics.median(sum(ops.values()) for ops in runs) for key, runs in seconds.items()}
+    others = {op: statistics.median(ops.get(op, 0.0) for ops in seconds["denoising"])
+              for op in seconds["denoising"][0] if "convolution" not in op}
     return dict(conv_ratio=conv["denoising"] / conv["standard"],
-                conv_share={key: conv[key] / sum(ops.values()) for key, ops in seconds.items()},
-                largest_other_ops=dict(others[:4]))
+                conv_ratio_torch_convolutions=conv["torch_convolutions"] / conv["standard"],
+                conv_share={key: conv[key] / total[key] for key in objectives},
+                largest_other_ops=dict(sorted(others.items(), key=lambda item: -item[1])[:4]))
 
 
 def memory_format_name(memory_format):
@@ -93,17 +118,19 @@ def memory_format_name(memory_format):
 
 def markdown(setting, rows):
     lines = [f"Measured {setting}.", "",
-             "| model | memory format | standard step s | GD step s | GD / standard (min-max) | GD img/s "
-             "| GD loss, first step | convolutions alone: GD / standard | convolutions' share, standard / GD "
-             "| largest other operators of the GD step (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | memory format | standard step s | GD step s | GD / standard (min-max) "
+             "| with torch's convolutions | GD img/s | GD loss, first step | convolutions alone: GD / standard "
+             "(with torch's) | convolutions' share, standard / GD | largest other operators of the GD step (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         profiled = "- | - | -"
         if "conv_ratio" in r:
             shares, others = r["conv_share"], ", ".join(f"{op} {t:.2f}" for op, t in r["largest_other_ops"].items())
-            profiled = f"{r['conv_ratio']:.2f}x | {shares['standard']:.0%} / {shares['denoising']:.0%} | {others}"
+            profiled = (f"{r['conv_ratio']:.2f}x ({r['conv_ratio_torch_convolutions']:.2f}x) | "
+                        f"{shares['standard']:.0%} / {shares['denoising']:.0%} | {others}")
         lines.append(f"| {r['model']} | {r['memory_format']} | {r['standard_s']:.2f} | {r['denoising_s']:.2f} | "
                      f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+                     f"{r['ratio_torch_convolutions']:.2f}x | "
                      f"{r['batch'] / r['denoising_s']:.1f} | {r['first_denoising_loss']:.6f} | {profiled} |")
     return "\n".join(lines)
 

@@ -19,7 +19,9 @@ Conventions this implementation fixes where the thesis leaves room:
 
 One step costs five passes through the network instead of two (§4.2): the forward, the guided backward
 (graph retained, not extended), the standard backward with ``create_graph=True``, then the final
-backward through both the forward graph and the graph of ``δx``.
+backward through both the forward graph and the graph of ``δx``. The forward records its convolutions
+as ``training.double_backward`` nodes, so that last backward differentiates them as cheaply as a plain
+backward, and the two input-gradient passes compute no weight gradients.
 """
 
 from collections.abc import Callable
@@ -31,6 +33,7 @@ from torch import nn
 
 from zoo.guided import switchable_relu
 
+from .double_backward import transposable_convolutions
 from .objectives import Classification, StepOutput, model_logits
 
 __all__ = ["ERRORS", "EPS", "GradientDenoising", "InputGradients", "cosine_error", "histogram_intersection_error",
@@ -97,13 +100,14 @@ def input_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         raise ValueError("gradient denoising needs DistributedDataParallel without static_graph: its extra "
                          "backward passes would start the gradient all-reduce too early")
     images = images.detach().requires_grad_(True)
-    with switchable_relu() as switch:
+    with switchable_relu() as relus, transposable_convolutions() as convolutions:
         logits = model_logits(model, images, labels)
     per_sample = per_sample_classification_loss(logits, labels)
     summed = per_sample.sum()  # sample i's input gradient is that of its own loss
-    with switch.guided_backward():
-        (guided,) = torch.autograd.grad(summed, images, retain_graph=True)
-    (standard,) = torch.autograd.grad(summed, images, create_graph=True)
+    with convolutions.input_gradients_only():
+        with relus.guided_backward():
+            (guided,) = torch.autograd.grad(summed, images, retain_graph=True)
+        (standard,) = torch.autograd.grad(summed, images, create_graph=True)
     return InputGradients(logits, per_sample.mean(), standard, guided)
 
 

@@ -51,7 +51,7 @@ def training_step(model, optimiser, objective, images, labels):
 
 @contextmanager
 def _torch_convolutions():
-    yield SimpleNamespace(input_gradients_only=nullcontext)
+    yield SimpleNamespace(switched_on=nullcontext)
 
 
 class WithTorchConvolutions(GradientDenoising):

@@ -202,10 +202,10 @@ def test_input_gradient_passes_compute_no_weight_gradient():
     with transposable_convolutions() as convolutions:
         out = conv(x).square().sum()
     assert not _get_current_function_mode_stack()  # only the forward ran in the mode
-    with convolutions.input_gradients_only():
+    with convolutions.switched_on():
         grads = torch.autograd.grad(out, (x, conv.weight, conv.bias), retain_graph=True, allow_unused=True)
     assert grads[0] is not None and grads[1] is None and grads[2] is None
-    assert not convolutions.inputs_only
+    assert not convolutions.on
     expected = torch.autograd.grad(conv(x).square().sum(), (x, conv.weight, conv.bias))
     for ours, theirs in zip(torch.autograd.grad(out, (x, conv.weight, conv.bias)), expected, strict=True):
         torch.testing.assert_close(ours, theirs)
@@ -224,7 +224,7 @@ def test_gradient_denoising_step_equals_the_one_through_torchs_own_convolutions(
     assert len(recorded) == sum(isinstance(m, nn.Conv2d) for m in model.modules())  # every convolution went through
 
     class TorchConvolutions:  # torch's own convolutions, every gradient in every pass
-        input_gradients_only = staticmethod(contextlib.nullcontext)
+        switched_on = staticmethod(contextlib.nullcontext)
 
     monkeypatch.setattr("training.gradient_denoising.transposable_convolutions",
                         lambda: contextlib.nullcontext(TorchConvolutions()))
@@ -365,10 +365,10 @@ def test_switch_restored_after_an_error_in_a_guided_backward():
     (expected,) = torch.autograd.grad(classification_loss(model(images), labels), images)
     with switchable_relu() as switch:
         loss = classification_loss(model(images), labels)
-    with pytest.raises(KeyError), switch.guided_backward():
-        assert switch.guided
+    with pytest.raises(KeyError), switch.switched_on():
+        assert switch.on
         raise KeyError("anything")
-    assert not switch.guided
+    assert not switch.on
     assert torch.equal(torch.autograd.grad(loss, images)[0], expected)  # the same graph, standard again
 
 

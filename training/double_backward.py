@@ -8,8 +8,8 @@ Every ``F.conv2d`` of a forward run inside ``with transposable_convolutions() as
 and functional calls alike, intercepted at the torch function level) is recorded as one node whose input
 gradient is ``conv_transpose2d(grad, weight)``: differentiating it is a transposed convolution's ordinary
 backward. The values are those of torch's own convolution (up to rounding). Backward passes that only
-need input gradients run inside ``convolutions.input_gradients_only()``, which skips the weight and
-bias gradients, as torch's engine does for its own nodes.
+need input gradients run with the yielded switch on (``with inputs_only.switched_on():``), which skips
+the weight and bias gradients, as torch's engine does for its own nodes.
 """
 
 from collections.abc import Iterator
@@ -20,31 +20,16 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ConvolutionPasses", "transposable_convolutions"]
+from zoo.guided import BackwardSwitch
 
-
-class ConvolutionPasses:
-    """Whether the recorded convolutions' backward computes weight and bias gradients. Read when the backward
-    runs, possibly in the autograd engine's thread: an object shared by reference, not a thread-local flag."""
-
-    def __init__(self):
-        self.inputs_only = False
-
-    @contextmanager
-    def input_gradients_only(self) -> Iterator[None]:
-        """Backward passes inside the block give the convolutions' inputs a gradient, their parameters none."""
-        previous, self.inputs_only = self.inputs_only, True
-        try:
-            yield
-        finally:
-            self.inputs_only = previous
+__all__ = ["transposable_convolutions"]
 
 
 class _TransposableConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, passes):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, inputs_only):
         ctx.save_for_backward(x, weight)
-        ctx.geometry, ctx.passes = (stride, padding, dilation, groups), passes
+        ctx.geometry, ctx.inputs_only = (stride, padding, dilation, groups), inputs_only
         ctx.bias_dtype = None if bias is None else bias.dtype
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -61,7 +46,7 @@ class _TransposableConv2d(torch.autograd.Function):
                                             + dilation[i - 2] * (weight.shape[i] - 1) + 1) for i in (2, 3)]
             grad_x = F.conv_transpose2d(grad, low_weight, None, stride, padding, output_padding, groups,
                                         dilation).to(x.dtype)
-        if not ctx.passes.inputs_only:
+        if not ctx.inputs_only.on:
             if ctx.needs_input_grad[1]:
                 grad_weight = torch.ops.aten.convolution_backward(grad, low_x, low_weight, None, stride, padding,
                                                                   dilation, False, [0, 0], groups,
@@ -75,9 +60,9 @@ _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "gro
 
 
 class _TransposableMode(TorchFunctionMode):
-    def __init__(self, passes: ConvolutionPasses):
+    def __init__(self, inputs_only: BackwardSwitch):
         super().__init__()
-        self.passes = passes
+        self.inputs_only = inputs_only
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -88,13 +73,14 @@ class _TransposableMode(TorchFunctionMode):
         if isinstance(call["padding"], str) or call["input"].ndim != 4:  # "same"/"valid", unbatched: torch's own
             return func(*args, **kwargs)
         return _TransposableConv2d.apply(call["input"], call["weight"], call["bias"], _pair(call["stride"]),
-                                         _pair(call["padding"]), _pair(call["dilation"]), call["groups"], self.passes)
+                                         _pair(call["padding"]), _pair(call["dilation"]), call["groups"],
+                                         self.inputs_only)
 
 
 @contextmanager
-def transposable_convolutions() -> Iterator[ConvolutionPasses]:
+def transposable_convolutions() -> Iterator[BackwardSwitch]:
     """Every 2-D convolution run inside the block is recorded as a ``_TransposableConv2d`` node; only the
-    forward needs to run inside it. The yielded passes object says which gradients its backward computes."""
-    passes = ConvolutionPasses()
-    with _TransposableMode(passes):
-        yield passes
+    forward needs to run inside it. While the yielded switch is on, their backward gives inputs gradients only."""
+    inputs_only = BackwardSwitch()
+    with _TransposableMode(inputs_only):
+        yield inputs_only

@@ -5,7 +5,7 @@ forward input was positive *and* the incoming gradient is positive (for ReLU6 al
 Every ReLU and ReLU6 of a forward pass run inside ``with switchable_relu() as switch:`` is recorded as
 one autograd node that holds ``switch``: by default it backpropagates exactly as torch's own ReLU/ReLU6
 (differentiably, so ``create_graph=True`` and double backward work); inside
-``with switch.guided_backward():`` it backpropagates guided. So one forward serves both gradients, which
+``with switch.switched_on():`` it backpropagates guided. So one forward serves both gradients, which
 is what gradient denoising (thesis ch. 4) needs. ``with guided_relu():`` is the same with the switch set
 to guided for good. Modules (``nn.ReLU``, ``nn.ReLU6``), functional calls (``F.relu``, ``torch.relu``,
 ``x.relu()``, ``F.relu6``, ``F.hardtanh(x, 0, 6)``) and their in-place forms are all caught, because the
@@ -19,34 +19,33 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ReLUSwitch", "guided_relu", "switchable_relu"]
+__all__ = ["BackwardSwitch", "guided_relu", "switchable_relu"]
 
 
-class ReLUSwitch:
-    """Which backward the ReLUs recorded under ``switchable_relu`` run: standard, or guided while ``guided``.
-
-    The recorded autograd nodes read it when they run, which may be in another thread (the autograd
-    engine's, on CUDA); hence an object shared by reference rather than a thread-local flag.
+class BackwardSwitch:
+    """A flag that recorded autograd nodes read when their backward runs (for the ReLUs of ``switchable_relu``:
+    guided while ``on``). That may be in another thread (the autograd engine's, on CUDA); hence an object
+    shared by reference rather than a thread-local flag.
     """
 
-    def __init__(self, guided: bool = False):
-        self.guided = guided
+    def __init__(self, on: bool = False):
+        self.on = on
 
     @contextmanager
-    def guided_backward(self) -> Iterator[None]:
-        """Backward passes run inside the block are guided; the switch is restored on leaving, even on error."""
-        previous, self.guided = self.guided, True
+    def switched_on(self) -> Iterator[None]:
+        """Backward passes run inside the block see the switch on; it is restored on leaving, even on error."""
+        previous, self.on = self.on, True
         try:
             yield
         finally:
-            self.guided = previous
+            self.on = previous
 
 
 class _SwitchableReLU(torch.autograd.Function):
     """ReLU (``upper`` None) or ReLU6 (``upper`` 6) whose backward follows ``switch``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, upper: float | None, switch: ReLUSwitch) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, upper: float | None, switch: BackwardSwitch) -> torch.Tensor:
         out = x.clamp(0, upper)
         ctx.save_for_backward(out)  # 0 < out < upper exactly where 0 < x < upper
         ctx.upper, ctx.switch = upper, switch
@@ -55,7 +54,7 @@ class _SwitchableReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (out,) = ctx.saved_tensors
-        if ctx.switch.guided:
+        if ctx.switch.on:
             grad = grad.clamp(min=0)
         # the very ops of torch's own ReLU / ReLU6 derivatives, themselves differentiable
         if ctx.upper is None:
@@ -88,7 +87,7 @@ def _call(func, args, kwargs):
 
 
 class _SwitchableMode(TorchFunctionMode):
-    def __init__(self, switch: ReLUSwitch):
+    def __init__(self, switch: BackwardSwitch):
         super().__init__()
         self.switch = switch
 
@@ -103,12 +102,12 @@ class _SwitchableMode(TorchFunctionMode):
 
 
 @contextmanager
-def switchable_relu(guided: bool = False) -> Iterator[ReLUSwitch]:
+def switchable_relu(guided: bool = False) -> Iterator[BackwardSwitch]:
     """Every ReLU/ReLU6 run inside the block backpropagates as the yielded switch says when backward runs.
 
     Only the forward needs to run inside the block; the backward passes may run after it.
     """
-    switch = ReLUSwitch(guided)
+    switch = BackwardSwitch(guided)
     with _SwitchableMode(switch):
         yield switch
 

@@ -4,7 +4,7 @@ Gradient denoising differentiates the input gradient ``δx`` with respect to the
 convolution's backward is itself differentiated. torch does that with ``_convolution_double_backward``,
 which computes the weight part as forward convolutions of transposed tensors and, for a grouped
 convolution, runs one convolution per group (thousands per step for MobileNet-V2's depthwise layers).
-Every ``F.conv2d`` of a forward run inside ``with transposable_convolutions() as convolutions:`` (modules
+Every ``F.conv2d`` of a forward run inside ``with transposable_convolutions() as inputs_only:`` (modules
 and functional calls alike, intercepted at the torch function level) is recorded as one node whose input
 gradient is ``conv_transpose2d(grad, weight)``: differentiating it is a transposed convolution's ordinary
 backward. The values are those of torch's own convolution (up to rounding). Backward passes that only

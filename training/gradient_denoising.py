@@ -100,12 +100,12 @@ def input_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         raise ValueError("gradient denoising needs DistributedDataParallel without static_graph: its extra "
                          "backward passes would start the gradient all-reduce too early")
     images = images.detach().requires_grad_(True)
-    with switchable_relu() as guided, transposable_convolutions() as inputs_only:
+    with switchable_relu() as guided_relus, transposable_convolutions() as inputs_only:
         logits = model_logits(model, images, labels)
     per_sample = per_sample_classification_loss(logits, labels)
     summed = per_sample.sum()  # sample i's input gradient is that of its own loss
     with inputs_only.switched_on():
-        with guided.switched_on():
+        with guided_relus.switched_on():
             (guided,) = torch.autograd.grad(summed, images, retain_graph=True)
         (standard,) = torch.autograd.grad(summed, images, create_graph=True)
     return InputGradients(logits, per_sample.mean(), standard, guided)

@@ -23,10 +23,7 @@ and a Markdown table into ``--out``, named by the time of the run.
 import argparse
 import statistics
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from types import SimpleNamespace
-from unittest import mock
 
 import timm
 import torch
@@ -49,26 +46,14 @@ def training_step(model, optimiser, objective, images, labels):
     return step.loss.item()
 
 
-@contextmanager
-def _torch_convolutions():
-    yield SimpleNamespace(switched_on=nullcontext)
-
-
-class WithTorchConvolutions(GradientDenoising):
-    """Gradient denoising through torch's own convolutions: what ``training.double_backward`` replaces."""
-
-    def __call__(self, model, images, labels):
-        with mock.patch("training.gradient_denoising.transposable_convolutions", _torch_convolutions):
-            return super().__call__(model, images, labels)
-
-
 def compare(name, memory_format, batch, repeats, device):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=NUM_CLASSES).train().to(device, memory_format=memory_format)
     images = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(NUM_CLASSES, (batch,), device=device)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    objectives = {"denoising": GradientDenoising(), "torch_convolutions": WithTorchConvolutions(),
+    objectives = {"denoising": GradientDenoising(),
+                  "torch_convolutions": GradientDenoising(transposable_convolutions=False),
                   "standard": Classification()}
     first_loss = {key: training_step(model, optimiser, objective, images, labels)  # warm-up
                   for key, objective in objectives.items()}

@@ -13,7 +13,7 @@ the weight and bias gradients, as torch's engine does for its own nodes.
 """
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +78,10 @@ class _TransposableMode(TorchFunctionMode):
 
 
 @contextmanager
-def transposable_convolutions() -> Iterator[BackwardSwitch]:
+def transposable_convolutions(enabled: bool = True) -> Iterator[BackwardSwitch]:
     """Every 2-D convolution run inside the block is recorded as a ``_TransposableConv2d`` node; only the
-    forward needs to run inside it. While the yielded switch is on, their backward gives inputs gradients only."""
+    forward needs to run inside it. While the yielded switch is on, their backward gives inputs gradients only.
+    ``enabled=False`` leaves torch's own convolutions (the switch then changes nothing)."""
     inputs_only = BackwardSwitch()
-    with _TransposableMode(inputs_only):
+    with _TransposableMode(inputs_only) if enabled else nullcontext():
         yield inputs_only

@@ -88,7 +88,8 @@ class InputGradients(NamedTuple):
     guided: torch.Tensor
 
 
-def input_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> InputGradients:
+def input_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    transposable: bool = True) -> InputGradients:
     """From one forward, the standard and the guided input gradients of each sample's own loss (§4.2).
 
     The guided backward runs first and only keeps the graph; the standard one then extends it
@@ -100,7 +101,7 @@ def input_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         raise ValueError("gradient denoising needs DistributedDataParallel without static_graph: its extra "
                          "backward passes would start the gradient all-reduce too early")
     images = images.detach().requires_grad_(True)
-    with switchable_relu() as guided_relus, transposable_convolutions() as inputs_only:
+    with switchable_relu() as guided_relus, transposable_convolutions(transposable) as inputs_only:
         logits = model_logits(model, images, labels)
     per_sample = per_sample_classification_loss(logits, labels)
     summed = per_sample.sum()  # sample i's input gradient is that of its own loss
@@ -115,15 +116,16 @@ class GradientDenoising:
     """``L = L_C + λ · mean_i E(δx_i, δ_G x_i)`` (eq. 4.3–4.4), an objective as in ``training.objectives``.
 
     ``error``: a key of ``ERRORS`` (eq. 4.5–4.8); ``weight``: λ (thesis default: cosine, 7.5e-3). With
-    weight 0 it is the plain ``Classification`` objective, without the extra passes.
+    weight 0 it is the plain ``Classification`` objective, without the extra passes. ``transposable_convolutions``
+    (default) differentiates the convolutions through ``training.double_backward``; False keeps torch's own.
     """
 
-    def __init__(self, error: str = "cosine", weight: float = 7.5e-3):
+    def __init__(self, error: str = "cosine", weight: float = 7.5e-3, transposable_convolutions: bool = True):
         if error not in ERRORS:
             raise ValueError(f"unknown error function {error!r}; known: {', '.join(ERRORS)}")
         if not weight >= 0:
             raise ValueError(f"the regularisation weight must be non-negative, got {weight}")
-        self.error, self.weight = error, weight
+        self.error, self.weight, self.transposable_convolutions = error, weight, transposable_convolutions
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         if self.weight == 0:
@@ -132,11 +134,12 @@ class GradientDenoising:
 
     def regularised(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         """The full objective whatever the weight, zero included (five passes); terms: L_C and L_R."""
-        gradients = input_gradients(model, images, labels)
+        gradients = input_gradients(model, images, labels, self.transposable_convolutions)
         regulariser = ERRORS[self.error](gradients.standard, gradients.guided).mean()  # eq. 4.3
         loss = gradients.classification + self.weight * regulariser
         terms = {"classification": gradients.classification.detach(), "regulariser": regulariser.detach()}
         return StepOutput(loss, gradients.logits, terms)
 
     def __repr__(self) -> str:
-        return f"GradientDenoising(error={self.error!r}, weight={self.weight})"
+        return (f"GradientDenoising(error={self.error!r}, weight={self.weight}, "
+                f"transposable_convolutions={self.transposable_convolutions})")

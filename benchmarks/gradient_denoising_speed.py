@@ -6,23 +6,29 @@
 One step is what training does: zero the gradients, the objective (``Classification`` or
 ``GradientDenoising()``, cosine, λ = 7.5e-3), ``loss.backward()`` and an SGD step, on a fixed CIFAR-100
 sized batch (32 px, 100 classes) of a randomly initialised model in train mode. For each model and memory
-format the two objectives alternate within every repetition (so both see the same machine load) after one
-warm-up step each; the median step times are reported with the median of the per-repetition ratios
-GD / standard (the thesis counts 5 passes against 2, about 2.5x). ``channels_last`` changes the speed, not
-the loss: the gradient-denoising loss of the first step is printed per format to show it. ``torch.compile``
-is not offered: its aot_autograd does not support double backward, which the regulariser needs. The
-objective records its convolutions as ``training.double_backward`` nodes; a third objective, the same with
-torch's own convolutions and their double backward (with its per-group loop for grouped convolutions), is
-timed beside it. On a CPU, three more steps of each objective run under ``torch.profiler`` (medians kept):
-the time their convolutions take (the self time of operators whose name has "convolution") gives the ratio
-convolutions alone would set, and the largest other operators of the GD step show what lies above it (on a
-GPU, kernels and the operators that launch them would need matching first; not done). Writes a JSON file
-and a Markdown table into ``--out``, named by the time of the run.
+format the objectives alternate within every repetition (so all see the same machine load) after one warm-up
+step each; the median step times are reported with the median of the per-repetition ratios GD / standard
+(the thesis counts 5 passes against 2, about 2.5x). ``channels_last`` changes the speed, not the loss: the
+gradient-denoising loss of the first step is printed per format to show it. ``torch.compile`` is not
+offered: its aot_autograd does not support double backward, which the regulariser needs. The objective
+records its convolutions as ``training.double_backward`` nodes; a third objective, the same with torch's own
+convolutions and their double backward (with its per-group loop for grouped convolutions), is timed beside
+it, and the relative difference of the two objectives' parameter gradients on the first batch is reported
+(with cuDNN's TF32 off). On a CPU, three more steps of each objective run under ``torch.profiler`` (medians
+kept): the time their convolutions take (the self time of operators whose name has "convolution") gives the
+ratio convolutions alone would set, and the largest other operators of the GD step show what lies above it
+(on a GPU, kernels and the operators that launch them would need matching first; not done). On a GPU, where
+a small network's step is bound by launching kernels rather than running them, each step is also captured
+once as a CUDA graph (``--no-cuda-graphs`` skips it) and replays of the standard and the GD graph alternate
+the same way; the replayed loss and gradients are compared with an eager step on the same weights. Writes a
+JSON file and a Markdown table into ``--out``, named by the time of the run.
 """
 
 import argparse
+import copy
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
@@ -46,34 +52,119 @@ def training_step(model, optimiser, objective, images, labels):
     return step.loss.item()
 
 
-def compare(name, memory_format, batch, repeats, device):
+def setup(name, memory_format, batch, device):
+    """A randomly initialised model in train mode, its SGD optimiser and a fixed batch; the same for a name."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=NUM_CLASSES).train().to(device, memory_format=memory_format)
     images = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(NUM_CLASSES, (batch,), device=device)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    return model, optimiser, images, labels
+
+
+def alternated(steps, repeats, device, label):
+    """Seconds of each of ``steps`` (name -> callable), run in turn ``repeats`` times, the order reversed
+    every other time."""
+    times = {key: [] for key in steps}
+    for r in range(repeats):
+        for key in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+            times[key].append(timed(steps[key], device)[0])
+        print(f"  {label} repetition {r + 1}/{repeats}: "
+              + ", ".join(f"{key} {times[key][-1] * 1e3:.1f} ms" for key in steps), flush=True)
+    return times
+
+
+def median_ratio(times, key):
+    return statistics.median(t / s for t, s in zip(times[key], times["standard"], strict=True))
+
+
+def gradients(model, objective, images, labels):
+    """(loss, all parameter gradients as one vector) of one objective on the model's current weights."""
+    model.zero_grad(set_to_none=True)
+    loss = objective(model, images, labels).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@contextmanager
+def without_tf32():
+    """cuDNN convolutions in full float32 (on a GPU they default to TF32), so that differences are float32's."""
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed
+
+
+def relative_difference(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def compare(name, memory_format, batch, repeats, device):
+    model, optimiser, images, labels = setup(name, memory_format, batch, device)
     objectives = {"denoising": GradientDenoising(),
                   "torch_convolutions": GradientDenoising(transposable_convolutions=False),
                   "standard": Classification()}
+    with without_tf32():
+        gradient_difference = relative_difference(
+            gradients(model, objectives["denoising"], images, labels)[1],
+            gradients(model, objectives["torch_convolutions"], images, labels)[1])
     first_loss = {key: training_step(model, optimiser, objective, images, labels)  # warm-up
                   for key, objective in objectives.items()}
-    times = {key: [] for key in objectives}
-    for r in range(repeats):
-        for key in list(objectives) if r % 2 == 0 else list(objectives)[::-1]:
-            seconds, _ = timed(lambda key=key: training_step(model, optimiser, objectives[key], images, labels),
-                               device)
-            times[key].append(seconds)
-        print(f"  {name} {memory_format_name(memory_format)} repetition {r + 1}/{repeats}: "
-              + ", ".join(f"{key} {times[key][-1]:.2f} s" for key in objectives), flush=True)
+    times = alternated({key: lambda objective=objective: training_step(model, optimiser, objective, images, labels)
+                        for key, objective in objectives.items()},
+                       repeats, device, f"{name} {memory_format_name(memory_format)}")
     ratios = {key: [t / s for t, s in zip(times[key], times["standard"], strict=True)]
               for key in ("denoising", "torch_convolutions")}
     return dict(**(convolution_profile(model, optimiser, objectives, images, labels) if device.type == "cpu" else {}),
                 model=name, memory_format=memory_format_name(memory_format), batch=batch, repeats=repeats,
                 standard_s=statistics.median(times["standard"]), denoising_s=statistics.median(times["denoising"]),
                 ratio=statistics.median(ratios["denoising"]), ratio_min=min(ratios["denoising"]),
-                ratio_max=max(ratios["denoising"]),
-                ratio_torch_convolutions=statistics.median(ratios["torch_convolutions"]),
+                ratio_max=max(ratios["denoising"]), ratio_torch_convolutions=median_ratio(times, "torch_convolutions"),
+                gradient_difference_torch_convolutions=gradient_difference,
                 first_denoising_loss=first_loss["denoising"], times=times)
+
+
+class CapturedStep:
+    """A training step of a fresh ``setup`` captured once as a CUDA graph, after three eager steps on a side
+    stream (as capture requires); calling it replays the graph. It holds the model, optimiser and batch: the
+    graph reads and writes their memory but does not keep it. ``difference``: relative differences of the first
+    replay's loss and parameter gradients from an eager step on a copy of the same weights."""
+
+    def __init__(self, objective, name, memory_format, batch, device):
+        self.model, self.optimiser, self.images, self.labels = setup(name, memory_format, batch, device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                training_step(self.model, self.optimiser, objective, self.images, self.labels)
+        torch.cuda.current_stream().wait_stream(side)
+        expected_loss, expected_gradients = gradients(copy.deepcopy(self.model), objective, self.images, self.labels)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimiser.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.loss = objective(self.model, self.images, self.labels).loss
+            self.loss.backward()
+            self.optimiser.step()
+        self()  # SGD's weight decay adds to a copy: .grad keeps the gradient
+        replayed_gradients = torch.cat([p.grad.flatten() for p in self.model.parameters()])
+        self.difference = dict(loss=relative_difference(self.loss, expected_loss),
+                               gradients=relative_difference(replayed_gradients, expected_gradients))
+
+    def __call__(self):
+        self.graph.replay()
+
+
+def compare_graphed(row, repeats, device):
+    """Standard and GD steps as CUDA graph replays, alternated; added to the eager comparison's row."""
+    steps = {key: CapturedStep(objective, row["model"], MEMORY_FORMATS[row["memory_format"]], row["batch"], device)
+             for key, objective in {"standard": Classification(), "denoising": GradientDenoising()}.items()}
+    times = alternated(steps, repeats, device, f"{row['model']} {row['memory_format']} CUDA graphs")
+    row.update(graphed_standard_s=statistics.median(times["standard"]),
+               graphed_denoising_s=statistics.median(times["denoising"]),
+               graphed_ratio=median_ratio(times, "denoising"),
+               graphed_replay_difference={key: step.difference for key, step in steps.items()}, graphed_times=times)
 
 
 def convolution_profile(model, optimiser, objectives, images, labels, rounds=3):
@@ -103,20 +194,26 @@ def memory_format_name(memory_format):
 
 def markdown(setting, rows):
     lines = [f"Measured {setting}.", "",
-             "| model | memory format | standard step s | GD step s | GD / standard (min-max) "
-             "| with torch's convolutions | GD img/s | GD loss, first step | convolutions alone: GD / standard "
+             "| model | memory format | standard step ms | GD step ms | GD / standard (min-max) "
+             "| with torch's convolutions | GD img/s | GD loss, first step | gradients, ours vs torch's convolutions "
+             "| CUDA graphs: standard ms / GD ms | CUDA graphs: GD / standard | convolutions alone: GD / standard "
              "(with torch's) | convolutions' share, standard / GD | largest other operators of the GD step (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         profiled = "- | - | -"
         if "conv_ratio" in r:
             shares, others = r["conv_share"], ", ".join(f"{op} {t:.2f}" for op, t in r["largest_other_ops"].items())
             profiled = (f"{r['conv_ratio']:.2f}x ({r['conv_ratio_torch_convolutions']:.2f}x) | "
                         f"{shares['standard']:.0%} / {shares['denoising']:.0%} | {others}")
-        lines.append(f"| {r['model']} | {r['memory_format']} | {r['standard_s']:.2f} | {r['denoising_s']:.2f} | "
-                     f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
-                     f"{r['ratio_torch_convolutions']:.2f}x | "
-                     f"{r['batch'] / r['denoising_s']:.1f} | {r['first_denoising_loss']:.6f} | {profiled} |")
+        graphed = r.get("graphed_error", "-") + " | -"
+        if "graphed_ratio" in r:
+            graphed = (f"{r['graphed_standard_s'] * 1e3:.2f} / {r['graphed_denoising_s'] * 1e3:.2f} | "
+                       f"{r['graphed_ratio']:.2f}x")
+        lines.append(f"| {r['model']} | {r['memory_format']} | {r['standard_s'] * 1e3:.1f} | "
+                     f"{r['denoising_s'] * 1e3:.1f} | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+                     f"{r['ratio_torch_convolutions']:.2f}x | {r['batch'] / r['denoising_s']:.1f} | "
+                     f"{r['first_denoising_loss']:.6f} | {r['gradient_difference_torch_convolutions']:.1e} | "
+                     f"{graphed} | {profiled} |")
     return "\n".join(lines)
 
 
@@ -127,6 +224,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each objective")
     parser.add_argument("--formats", nargs="+", choices=list(MEMORY_FORMATS), default=list(MEMORY_FORMATS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, skip the CUDA graph replays")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
     args = parser.parse_args(argv)
@@ -142,6 +240,14 @@ def main(argv=None):
     for name in args.models:
         for key in args.formats:
             rows.append(compare(name, MEMORY_FORMATS[key], args.batch, args.repeats, device))
+    if device.type == "cuda" and not args.no_cuda_graphs:
+        print(markdown(setting, rows), flush=True)  # the eager rows, in case a capture brings the process down
+        for row in rows:
+            try:
+                compare_graphed(row, args.repeats, device)
+            except RuntimeError as error:  # a step that cannot be captured: reported in its row
+                row["graphed_error"] = f"capture failed: {error}".splitlines()[0].replace("|", "/")
+                print(f"  {row['model']} {row['memory_format']}: {row['graphed_error']}", flush=True)
     table = markdown(setting, rows)
     print(table)
     save_run(args.out, "gradient_denoising_speed", dict(setting=setting, rows=rows), table)

@@ -11,17 +11,18 @@ step each; the median step times are reported with the median of the per-repetit
 (the thesis counts 5 passes against 2, about 2.5x). ``channels_last`` changes the speed, not the loss: the
 gradient-denoising loss of the first step is printed per format to show it. ``torch.compile`` is not
 offered: its aot_autograd does not support double backward, which the regulariser needs. The objective
-records its convolutions as ``training.double_backward`` nodes; a third objective, the same with torch's own
-convolutions and their double backward (with its per-group loop for grouped convolutions), is timed beside
-it, and the relative difference of the two objectives' parameter gradients on the first batch is reported
-(with cuDNN's TF32 off). On a CPU, three more steps of each objective run under ``torch.profiler`` (medians
-kept): the time their convolutions take (the self time of operators whose name has "convolution") gives the
-ratio convolutions alone would set, and the largest other operators of the GD step show what lies above it
-(on a GPU, kernels and the operators that launch them would need matching first; not done). On a GPU, where
-a small network's step is bound by launching kernels rather than running them, each step is also captured
-once as a CUDA graph (``--no-cuda-graphs`` skips it) and replays of the standard and the GD graph alternate
-the same way; the replayed loss and gradients are compared with an eager step on the same weights. Writes a
-JSON file and a Markdown table into ``--out``, named by the time of the run.
+records its convolutions and batch norms as ``training.double_backward`` nodes; a third objective, the same
+with torch's own layers and their double backward (a per-group loop for grouped convolutions, a generic
+formula for batch norm), is timed beside it, and the relative difference of the two objectives' parameter
+gradients on the first batch is reported (with cuDNN's TF32 off). On a CPU, three more steps of each
+objective run under ``torch.profiler`` (medians kept): the time their convolutions take (the self time of
+operators whose name has "convolution") gives the ratio convolutions alone would set, and the largest other
+operators of the GD step show what lies above it (on a GPU, kernels and the operators that launch them would
+need matching first; not done). On a GPU, where launching kernels is a share of a small network's
+step, each step is also captured once as a CUDA graph (``--no-cuda-graphs`` skips it) and
+replays of the standard and the GD graph alternate the same way; the replayed loss and gradients are
+compared with an eager step on the same weights. Writes a JSON file and a Markdown table into ``--out``,
+named by the time of the run.
 """
 
 import argparse
@@ -104,25 +105,25 @@ def relative_difference(a, b):
 def compare(name, memory_format, batch, repeats, device):
     model, optimiser, images, labels = setup(name, memory_format, batch, device)
     objectives = {"denoising": GradientDenoising(),
-                  "torch_convolutions": GradientDenoising(transposable_convolutions=False),
+                  "torch_layers": GradientDenoising(lean_double_backward=False),
                   "standard": Classification()}
     with without_tf32():
         gradient_difference = relative_difference(
             gradients(model, objectives["denoising"], images, labels)[1],
-            gradients(model, objectives["torch_convolutions"], images, labels)[1])
+            gradients(model, objectives["torch_layers"], images, labels)[1])
     first_loss = {key: training_step(model, optimiser, objective, images, labels)  # warm-up
                   for key, objective in objectives.items()}
     times = alternated({key: lambda objective=objective: training_step(model, optimiser, objective, images, labels)
                         for key, objective in objectives.items()},
                        repeats, device, f"{name} {memory_format_name(memory_format)}")
     ratios = {key: [t / s for t, s in zip(times[key], times["standard"], strict=True)]
-              for key in ("denoising", "torch_convolutions")}
+              for key in ("denoising", "torch_layers")}
     return dict(**(convolution_profile(model, optimiser, objectives, images, labels) if device.type == "cpu" else {}),
                 model=name, memory_format=memory_format_name(memory_format), batch=batch, repeats=repeats,
                 standard_s=statistics.median(times["standard"]), denoising_s=statistics.median(times["denoising"]),
                 ratio=statistics.median(ratios["denoising"]), ratio_min=min(ratios["denoising"]),
-                ratio_max=max(ratios["denoising"]), ratio_torch_convolutions=median_ratio(times, "torch_convolutions"),
-                gradient_difference_torch_convolutions=gradient_difference,
+                ratio_max=max(ratios["denoising"]), ratio_torch_layers=median_ratio(times, "torch_layers"),
+                gradient_difference_torch_layers=gradient_difference,
                 first_denoising_loss=first_loss["denoising"], times=times)
 
 
@@ -183,7 +184,7 @@ def convolution_profile(model, optimiser, objectives, images, labels, rounds=3):
     others = {op: statistics.median(ops.get(op, 0.0) for ops in seconds["denoising"])
               for op in seconds["denoising"][0] if "convolution" not in op}
     return dict(conv_ratio=conv["denoising"] / conv["standard"],
-                conv_ratio_torch_convolutions=conv["torch_convolutions"] / conv["standard"],
+                conv_ratio_torch_layers=conv["torch_layers"] / conv["standard"],
                 conv_share={key: conv[key] / total[key] for key in objectives},
                 largest_other_ops=dict(sorted(others.items(), key=lambda item: -item[1])[:4]))
 
@@ -195,15 +196,16 @@ def memory_format_name(memory_format):
 def markdown(setting, rows):
     lines = [f"Measured {setting}.", "",
              "| model | memory format | standard step ms | GD step ms | GD / standard (min-max) "
-             "| with torch's convolutions | GD img/s | GD loss, first step | gradients, ours vs torch's convolutions "
-             "| CUDA graphs: standard ms / GD ms | CUDA graphs: GD / standard | convolutions alone: GD / standard "
-             "(with torch's) | convolutions' share, standard / GD | largest other operators of the GD step (s) |",
+             "| with torch's own layers | GD img/s | GD loss, first step | gradients, ours vs torch's layers "
+             "| CUDA graphs: standard ms / GD ms | CUDA graphs: GD / standard "
+             "| convolutions alone: GD / standard (with torch's layers) | convolutions' share, standard / GD "
+             "| largest other operators of the GD step (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         profiled = "- | - | -"
         if "conv_ratio" in r:
             shares, others = r["conv_share"], ", ".join(f"{op} {t:.2f}" for op, t in r["largest_other_ops"].items())
-            profiled = (f"{r['conv_ratio']:.2f}x ({r['conv_ratio_torch_convolutions']:.2f}x) | "
+            profiled = (f"{r['conv_ratio']:.2f}x ({r['conv_ratio_torch_layers']:.2f}x) | "
                         f"{shares['standard']:.0%} / {shares['denoising']:.0%} | {others}")
         graphed = r.get("graphed_error", "-") + " | -"
         if "graphed_ratio" in r:
@@ -211,8 +213,8 @@ def markdown(setting, rows):
                        f"{r['graphed_ratio']:.2f}x")
         lines.append(f"| {r['model']} | {r['memory_format']} | {r['standard_s'] * 1e3:.1f} | "
                      f"{r['denoising_s'] * 1e3:.1f} | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
-                     f"{r['ratio_torch_convolutions']:.2f}x | {r['batch'] / r['denoising_s']:.1f} | "
-                     f"{r['first_denoising_loss']:.6f} | {r['gradient_difference_torch_convolutions']:.1e} | "
+                     f"{r['ratio_torch_layers']:.2f}x | {r['batch'] / r['denoising_s']:.1f} | "
+                     f"{r['first_denoising_loss']:.6f} | {r['gradient_difference_torch_layers']:.1e} | "
                      f"{graphed} | {profiled} |")
     return "\n".join(lines)
 

@@ -92,7 +92,7 @@ def test_gradient_denoising_benchmark_times_both_objectives(tmp_path, monkeypatc
     (json_file,) = tmp_path.glob("gradient_denoising_speed-*.json")
     (row,) = json.loads(json_file.read_text())["rows"]
     assert row["model"] == "resnet18_cifar" and row["ratio"] > 1  # five passes instead of two
-    assert row["ratio_torch_convolutions"] > 1 and row["conv_ratio_torch_convolutions"] > 1
+    assert row["ratio_torch_layers"] > 1 and row["conv_ratio_torch_layers"] > 1
     assert row["conv_ratio"] > 1 and all(0 < share < 1 for share in row["conv_share"].values())
     assert len(row["largest_other_ops"]) == 4 and not any("convolution" in op for op in row["largest_other_ops"])
     assert json_file.with_suffix(".md").exists()

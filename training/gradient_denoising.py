@@ -20,8 +20,8 @@ Conventions this implementation fixes where the thesis leaves room:
 One step costs five passes through the network instead of two (§4.2): the forward, the guided backward
 (graph retained, not extended), the standard backward with ``create_graph=True``, then the final
 backward through both the forward graph and the graph of ``δx``. The forward records its convolutions
-as ``training.double_backward`` nodes, so that last backward differentiates them as cheaply as a plain
-backward, and the two input-gradient passes compute no weight gradients.
+and batch norms as ``training.double_backward`` nodes, so that last backward differentiates them cheaply,
+and the two input-gradient passes compute no weight gradients.
 """
 
 from collections.abc import Callable
@@ -33,7 +33,7 @@ from torch import nn
 
 from zoo.guided import switchable_relu
 
-from .double_backward import transposable_convolutions
+from . import double_backward
 from .objectives import Classification, StepOutput, model_logits
 
 __all__ = ["ERRORS", "EPS", "GradientDenoising", "InputGradients", "cosine_error", "histogram_intersection_error",
@@ -89,7 +89,7 @@ class InputGradients(NamedTuple):
 
 
 def input_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    transposable: bool = True) -> InputGradients:
+                    lean_double_backward: bool = True) -> InputGradients:
     """From one forward, the standard and the guided input gradients of each sample's own loss (§4.2).
 
     The guided backward runs first and only keeps the graph; the standard one then extends it
@@ -101,7 +101,8 @@ def input_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         raise ValueError("gradient denoising needs DistributedDataParallel without static_graph: its extra "
                          "backward passes would start the gradient all-reduce too early")
     images = images.detach().requires_grad_(True)
-    with switchable_relu() as guided_relus, transposable_convolutions(transposable) as inputs_only:
+    lean = double_backward.lean_double_backward(lean_double_backward)
+    with switchable_relu() as guided_relus, lean as inputs_only:
         logits = model_logits(model, images, labels)
     per_sample = per_sample_classification_loss(logits, labels)
     summed = per_sample.sum()  # sample i's input gradient is that of its own loss
@@ -116,16 +117,17 @@ class GradientDenoising:
     """``L = L_C + λ · mean_i E(δx_i, δ_G x_i)`` (eq. 4.3–4.4), an objective as in ``training.objectives``.
 
     ``error``: a key of ``ERRORS`` (eq. 4.5–4.8); ``weight``: λ (thesis default: cosine, 7.5e-3). With
-    weight 0 it is the plain ``Classification`` objective, without the extra passes. ``transposable_convolutions``
-    (default) differentiates the convolutions through ``training.double_backward``; False keeps torch's own.
+    weight 0 it is the plain ``Classification`` objective, without the extra passes. ``lean_double_backward``
+    (default) differentiates the convolutions and batch norms through ``training.double_backward``; False keeps
+    torch's own.
     """
 
-    def __init__(self, error: str = "cosine", weight: float = 7.5e-3, transposable_convolutions: bool = True):
+    def __init__(self, error: str = "cosine", weight: float = 7.5e-3, lean_double_backward: bool = True):
         if error not in ERRORS:
             raise ValueError(f"unknown error function {error!r}; known: {', '.join(ERRORS)}")
         if not weight >= 0:
             raise ValueError(f"the regularisation weight must be non-negative, got {weight}")
-        self.error, self.weight, self.transposable_convolutions = error, weight, transposable_convolutions
+        self.error, self.weight, self.lean_double_backward = error, weight, lean_double_backward
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         if self.weight == 0:
@@ -134,7 +136,7 @@ class GradientDenoising:
 
     def regularised(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         """The full objective whatever the weight, zero included (five passes); terms: L_C and L_R."""
-        gradients = input_gradients(model, images, labels, self.transposable_convolutions)
+        gradients = input_gradients(model, images, labels, self.lean_double_backward)
         regulariser = ERRORS[self.error](gradients.standard, gradients.guided).mean()  # eq. 4.3
         loss = gradients.classification + self.weight * regulariser
         terms = {"classification": gradients.classification.detach(), "regulariser": regulariser.detach()}
@@ -142,4 +144,4 @@ class GradientDenoising:
 
     def __repr__(self) -> str:
         return (f"GradientDenoising(error={self.error!r}, weight={self.weight}, "
-                f"transposable_convolutions={self.transposable_convolutions})")
+                f"lean_double_backward={self.lean_double_backward})")

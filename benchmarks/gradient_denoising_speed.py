@@ -18,11 +18,11 @@ gradients on the first batch is reported (with cuDNN's TF32 off). On a CPU, thre
 objective run under ``torch.profiler`` (medians kept): the time their convolutions take (the self time of
 operators whose name has "convolution") gives the ratio convolutions alone would set, and the largest other
 operators of the GD step show what lies above it (on a GPU, kernels and the operators that launch them would
-need matching first; not done). On a GPU, where launching kernels is a share of a small network's
-step, each step is also captured once as a CUDA graph (``--no-cuda-graphs`` skips it) and
-replays of the standard and the GD graph alternate the same way; the replayed loss and gradients are
-compared with an eager step on the same weights. Writes a JSON file and a Markdown table into ``--out``,
-named by the time of the run.
+need matching first; not done). On a GPU each step is also captured once as a CUDA graph
+(``--no-cuda-graphs`` skips it), which takes Python and kernel launches out of the step, and replays of the
+standard and the GD graph alternate the same way; the replayed loss and gradients are compared with an eager
+step on the same weights. Writes a JSON file and a Markdown table into ``--out``, named by the time of the
+run.
 """
 
 import argparse

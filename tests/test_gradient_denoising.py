@@ -226,7 +226,7 @@ def test_lean_batch_norm_keeps_torchs_running_statistics_and_leaves_other_modes_
     torch.testing.assert_close(ours, theirs)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(norms[0], name), getattr(norms[1], name))
-    with lean_double_backward():  # batch statistics in eval mode, and no affine parameters: torch's own
+    with lean_double_backward():  # eval mode (running statistics) and no affine parameters: torch's own
         norms[0].eval()(x), nn.BatchNorm2d(3, affine=False)(x), nn.BatchNorm2d(3, track_running_stats=False)(x)
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             nn.BatchNorm2d(3)(torch.randn(1, 3, 1, 1))

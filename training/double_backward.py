@@ -97,8 +97,8 @@ class _BatchNormGradient(torch.autograd.Function):
         # dγ and dβ are sums over g that the kernel computes for dx anyway: kept, they save the backward two passes
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, None, None, mean, rstd, True, eps, [mask[0], True, True])
-        count = x.numel() // x.shape[1]
-        ctx.save_for_backward(grad, x, weight, mean, rstd, grad_bias / count, grad_weight / count)
+        ctx.count = x.numel() // x.shape[1]  # values per channel
+        ctx.save_for_backward(grad, x, weight, mean, rstd, grad_bias / ctx.count, grad_weight / ctx.count)
         ctx.set_materialize_grads(False)  # an output nobody used gets None, and costs nothing
         return grad_x, grad_weight if mask[1] else None, grad_bias if mask[2] else None
 
@@ -128,7 +128,7 @@ class _BatchNormGradient(torch.autograd.Function):
             x_v, x_g = -gamma * r * r * g_xhat, -gamma * r * r * v_xhat
             x_c = -gamma * r ** 3 * (v_h - 2 * v_xhat * g_xhat)
             x_0 = gamma * r * r * (g_xhat * v_mean + v_xhat * g_mean)
-            grad_weight = (r * v_h).flatten() * (x.numel() // x.shape[1])
+            grad_weight = (r * v_h).flatten() * ctx.count
         if v_weight is not None:
             v_weight = v_weight.to(dtype).view(shape)
             g_c = g_c + v_weight * r

@@ -13,8 +13,9 @@ gradient-denoising loss of the first step is printed per format to show it. ``to
 offered: its aot_autograd does not support double backward, which the regulariser needs. The objective
 records its convolutions and batch norms as ``training.double_backward`` nodes; a third objective, the same
 with torch's own layers and their double backward (a per-group loop for grouped convolutions, a generic
-formula for batch norm), is timed beside it, and the relative difference of the two objectives' parameter
-gradients on the first batch is reported (with cuDNN's TF32 off). On a CPU, three more steps of each
+formula for batch norm), is timed beside it. On the first batch both objectives' float32 parameter gradients
+are compared with float64 ones through torch's layers (cuDNN's TF32 off): errors of the same size are float32's
+rounding, which these random networks' second derivatives amplify. On a CPU, three more steps of each
 objective run under ``torch.profiler`` (medians kept): the time their convolutions take (the self time of
 operators whose name has "convolution") gives the ratio convolutions alone would set, and the largest other
 operators of the GD step show what lies above it (on a GPU, kernels and the operators that launch them would
@@ -23,10 +24,17 @@ need matching first; not done). On a GPU each step is also captured once as a CU
 standard and the GD graph alternate the same way; the replayed loss and gradients are compared with an eager
 step on the same weights. Writes a JSON file and a Markdown table into ``--out``, named by the time of the
 run.
+
+On Linux, glibc maps every block above its mmap threshold (32 MB at most, e.g. a 64-channel 32 px activation
+at batch 128) afresh and unmaps it when freed, so each such new tensor page-faults, which costs several times
+the arithmetic of an element-wise operation; the GD step allocates more of them than the standard one.
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` make glibc keep freed memory for reuse; the run's
+setting names these variables when they are set.
 """
 
 import argparse
 import copy
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -43,6 +51,7 @@ from zoo.measure import device_name, save_run, timed
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 IMAGE_SIZE, NUM_CLASSES = 32, 100
+ALLOCATOR_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")  # named if set
 
 
 def training_step(model, optimiser, objective, images, labels):
@@ -102,15 +111,21 @@ def relative_difference(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def gradient_errors(model, objectives, images, labels):
+    """Relative errors of the float32 parameter gradients of the GD step, through our layers and through torch's,
+    from the float64 ones through torch's layers, on the model's current weights (cuDNN's TF32 off)."""
+    exact = gradients(copy.deepcopy(model).double(), objectives["torch_layers"], images.double(), labels)[1]
+    with without_tf32():
+        return {key: relative_difference(gradients(model, objectives[key], images, labels)[1].double(), exact)
+                for key in ("denoising", "torch_layers")}
+
+
 def compare(name, memory_format, batch, repeats, device):
     model, optimiser, images, labels = setup(name, memory_format, batch, device)
     objectives = {"denoising": GradientDenoising(),
                   "torch_layers": GradientDenoising(lean_double_backward=False),
                   "standard": Classification()}
-    with without_tf32():
-        gradient_difference = relative_difference(
-            gradients(model, objectives["denoising"], images, labels)[1],
-            gradients(model, objectives["torch_layers"], images, labels)[1])
+    errors = gradient_errors(model, objectives, images, labels)
     first_loss = {key: training_step(model, optimiser, objective, images, labels)  # warm-up
                   for key, objective in objectives.items()}
     times = alternated({key: lambda objective=objective: training_step(model, optimiser, objective, images, labels)
@@ -123,7 +138,7 @@ def compare(name, memory_format, batch, repeats, device):
                 standard_s=statistics.median(times["standard"]), denoising_s=statistics.median(times["denoising"]),
                 ratio=statistics.median(ratios["denoising"]), ratio_min=min(ratios["denoising"]),
                 ratio_max=max(ratios["denoising"]), ratio_torch_layers=median_ratio(times, "torch_layers"),
-                gradient_difference_torch_layers=gradient_difference,
+                gradient_error_float64=errors,
                 first_denoising_loss=first_loss["denoising"], times=times)
 
 
@@ -196,13 +211,14 @@ def memory_format_name(memory_format):
 def markdown(setting, rows):
     lines = [f"Measured {setting}.", "",
              "| model | memory format | standard step ms | GD step ms | GD / standard (min-max) "
-             "| with torch's own layers | GD img/s | GD loss, first step | gradients, ours vs torch's layers "
+             "| with torch's own layers | GD img/s | GD loss, first step "
+             "| gradient error vs float64: ours / torch's layers "
              "| CUDA graphs: standard ms / GD ms | CUDA graphs: GD / standard "
              "| convolutions alone: GD / standard (with torch's layers) | convolutions' share, standard / GD "
              "| largest other operators of the GD step (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        profiled = "- | - | -"
+        errors, profiled = r["gradient_error_float64"], "- | - | -"
         if "conv_ratio" in r:
             shares, others = r["conv_share"], ", ".join(f"{op} {t:.2f}" for op, t in r["largest_other_ops"].items())
             profiled = (f"{r['conv_ratio']:.2f}x ({r['conv_ratio_torch_layers']:.2f}x) | "
@@ -214,7 +230,7 @@ def markdown(setting, rows):
         lines.append(f"| {r['model']} | {r['memory_format']} | {r['standard_s'] * 1e3:.1f} | "
                      f"{r['denoising_s'] * 1e3:.1f} | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
                      f"{r['ratio_torch_layers']:.2f}x | {r['batch'] / r['denoising_s']:.1f} | "
-                     f"{r['first_denoising_loss']:.6f} | {r['gradient_difference_torch_layers']:.1e} | "
+                     f"{r['first_denoising_loss']:.6f} | {errors['denoising']:.1e} / {errors['torch_layers']:.1e} | "
                      f"{graphed} | {profiled} |")
     return "\n".join(lines)
 
@@ -236,6 +252,8 @@ def main(argv=None):
     where = device_name(device)
     setting = (f"on {where}, torch {torch.__version__}, batch {args.batch} at {IMAGE_SIZE} px, median of "
                f"{args.repeats} alternating steps, {time.strftime('%Y-%m-%d')}")
+    allocator = [f"{key}={os.environ[key]}" for key in ALLOCATOR_SETTINGS if key in os.environ]
+    setting += f", with {' '.join(allocator)}" if allocator else ""
     print(f"Training step, standard vs gradient denoising ({setting})", flush=True)
 
     rows = []

@@ -266,6 +266,30 @@ def test_input_gradient_passes_compute_no_weight_gradient():
         torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_lean_layers_on_cuda_give_torchs_values_and_derivatives(memory_format):
+    # on a GPU torch's batch norm runs cuDNN's kernels, whose backward computes every gradient whatever is asked
+    torch.manual_seed(0)
+    layers = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                           nn.Conv2d(8, 4, 3, stride=2, bias=False), nn.BatchNorm2d(4))
+    layers = layers.cuda().to(memory_format=memory_format)
+    x = torch.randn(8, 3, 12, 12, device="cuda").contiguous(memory_format=memory_format).requires_grad_(True)
+    inputs, results = (x, *layers.parameters()), []
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for lean in (True, False):
+            with lean_double_backward(lean) as inputs_only:
+                out = layers(x)
+            loss = out.square().sum()
+            with inputs_only.switched_on():
+                first = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+            assert all(g is None for g in first[1:]) == lean  # weight gradients only when asked for
+            (input_gradient,) = torch.autograd.grad(loss, x, create_graph=True)
+            second = torch.autograd.grad(input_gradient.square().sum() + loss, inputs)
+            results.append(torch.cat([t.flatten() for t in (out, input_gradient, *second)]))
+    assert (results[0] - results[1]).norm() <= 1e-5 * results[1].norm()
+
+
 @pytest.mark.parametrize("name", ["resnet18_cifar", "mobilenetv2_cifar"])
 def test_gradient_denoising_step_equals_the_one_through_torchs_own_layers(name, monkeypatch):
     torch.manual_seed(0)

@@ -10,9 +10,10 @@ rounding) and a cheaper second derivative:
   transposed convolution's ordinary backward. torch's ``_convolution_double_backward`` computes the weight
   part as forward convolutions of transposed tensors and, for a grouped convolution, runs one convolution
   per group (thousands per step for MobileNet-V2's depthwise layers).
-- Batch norm's gradients keep torch's fused kernel; their derivative is written out per channel: three
-  channel means and a few multiply-adds over the activations, where torch's generic
-  ``batchnorm_double_backward`` runs about sixty operations over them.
+- Batch norm runs the kernels torch would pick (cuDNN's on a GPU) for its forward and gradients; their
+  derivative is written out per channel: three channel sums (two passes of batch norm's fused reduction)
+  and a few multiply-adds over the activations, where torch's generic ``batchnorm_double_backward`` runs
+  about sixty operations over them.
 
 Backward passes that only need input gradients run with the yielded switch on
 (``with inputs_only.switched_on():``), which skips the weight and bias gradients, as torch's engine does
@@ -65,39 +66,55 @@ class _TransposableConv2d(torch.autograd.Function):
 
 
 class _BatchNorm(torch.autograd.Function):
-    """Training-mode batch norm (batch statistics, running statistics updated as torch does)."""
+    """Training-mode batch norm through torch's own kernel choice (cuDNN where torch would use it), with batch
+    statistics, running statistics updated as torch does."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, inputs_only):
-        out, mean, rstd = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, True,
-                                                           momentum, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.eps, ctx.inputs_only = eps, inputs_only
+        out, mean, rstd, reserve, kernel = torch.ops.aten._batch_norm_impl_index(
+            x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled)
+        ctx.save_for_backward(x, weight, mean, rstd, reserve)
+        ctx.eps, ctx.kernel, ctx.inputs_only = eps, kernel, inputs_only
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, rstd, reserve = ctx.saved_tensors
         parameters = not ctx.inputs_only.on
         mask = [ctx.needs_input_grad[0], parameters and ctx.needs_input_grad[1],
                 parameters and ctx.needs_input_grad[2]]
         if torch.is_grad_enabled():  # create_graph: the gradients as a node that will be differentiated
-            grads = _BatchNormGradient.apply(grad, x, weight, mean, rstd, ctx.eps, mask)
+            grads = _BatchNormGradient.apply(grad, x, weight, mean, rstd, reserve, ctx.kernel, ctx.eps, mask)
         else:
-            grads = torch.ops.aten.native_batch_norm_backward(grad, x, weight, None, None, mean, rstd, True, ctx.eps,
-                                                              mask)
-        return *grads, None, None, None, None, None
+            grads = _batch_norm_gradients(ctx.kernel, grad, x, weight, mean, rstd, reserve, ctx.eps, mask)
+        return *(g if needed else None for g, needed in zip(grads, mask, strict=True)), None, None, None, None, None
+
+
+def _batch_norm_gradients(kernel, grad, x, weight, mean, rstd, reserve, eps, mask):
+    """(dx, dγ, dβ) by the backward of the kernel ``_batch_norm_impl_index`` chose; cuDNN's computes all three
+    whatever ``mask`` says, and needs ``grad`` in the layout of ``x``."""
+    if grad.stride() != x.stride():
+        grad = torch.empty_like(x, dtype=grad.dtype).copy_(grad)
+    return torch.ops.aten._batch_norm_impl_index_backward(kernel, x, grad, weight, None, None, mean, rstd, True, eps,
+                                                          mask, reserve)
+
+
+def _channel_sums(grad, x, weight, mean, rstd, eps):
+    """Per channel ``(Σ grad·(x - mean)·rstd, Σ grad)``: batch norm's weight and bias gradients, one fused pass
+    (``weight`` plays no part in them; torch's CUDA kernel wants one)."""
+    return torch.ops.aten.native_batch_norm_backward(grad, x, weight, None, None, mean, rstd, True, eps,
+                                                     [False, True, True])[1:]
 
 
 class _BatchNormGradient(torch.autograd.Function):
     """(dx, dγ, dβ) of training-mode batch norm from the output gradient g; its backward is written out."""
 
     @staticmethod
-    def forward(ctx, grad, x, weight, mean, rstd, eps, mask):
+    def forward(ctx, grad, x, weight, mean, rstd, reserve, kernel, eps, mask):
         # dγ and dβ are sums over g that the kernel computes for dx anyway: kept, they save the backward two passes
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, None, None, mean, rstd, True, eps, [mask[0], True, True])
-        ctx.count = x.numel() // x.shape[1]  # values per channel
+        grad_x, grad_weight, grad_bias = _batch_norm_gradients(kernel, grad, x, weight, mean, rstd, reserve, eps,
+                                                               [mask[0], True, True])
+        ctx.count, ctx.eps = x.numel() // x.shape[1], eps  # values per channel
         ctx.save_for_backward(grad, x, weight, mean, rstd, grad_bias / ctx.count, grad_weight / ctx.count)
         ctx.set_materialize_grads(False)  # an output nobody used gets None, and costs nothing
         return grad_x, grad_weight if mask[1] else None, grad_bias if mask[2] else None
@@ -106,42 +123,40 @@ class _BatchNormGradient(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, v, v_weight, v_bias):
         # Per channel, with c = x - μ, r = 1/σ and x̂ = r·c: dx = γ·r·(g - mean g - x̂·mean(g·x̂)), dγ = Σ g·x̂,
-        # dβ = Σ g. Their derivatives along (v, v_weight, v_bias) with respect to g, x and γ are per-channel
-        # combinations of v, g and c: grad_g = g_v·v + g_c·c + g_0 and grad_x = x_v·v + x_g·g + x_c·c + x_0.
-        grad, x, weight, mean, rstd, g_mean, g_xhat = ctx.saved_tensors
-        dims, shape = [0, *range(2, x.ndim)], [1, -1] + [1] * (x.ndim - 2)
-        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32, as torch's own
-
-        def channel_mean(t):
-            return t.mean(dims, keepdim=True)
-
-        g, c = grad.to(dtype), x.to(dtype) - mean.view(shape)
-        r, gamma = rstd.view(shape), weight.to(dtype).view(shape)
+        # dβ = Σ g. Their derivatives along (v, v_weight, v_bias) with respect to g and x are per-channel
+        # combinations of v, g and c: grad_g = γr·v + k·c + g_0 and grad_x = x_v·v + k·g + x_c·c + x_0 (the
+        # mixed coefficient k is shared, the second derivative being symmetric). The channel means of v, v·x̂
+        # and v·g come from batch norm's fused weight and bias gradient kernel.
+        grad, x_saved, weight, mean, rstd, g_mean, g_xhat = ctx.saved_tensors
+        shape = [1, -1] + [1] * (x_saved.ndim - 2)
+        dtype = torch.promote_types(x_saved.dtype, torch.float32)  # at least float32, as torch's own
+        g, x, r = grad.to(dtype), x_saved.to(dtype), rstd.view(shape)
+        c, gamma_r = x - mean.view(shape), weight.to(dtype).view(shape) * r
         g_mean, g_xhat = g_mean.to(dtype).view(shape), g_xhat.to(dtype).view(shape)  # mean g, mean(g·x̂)
-        g_c = g_0 = x_g = x_c = x_0 = torch.zeros_like(r)
+        k = g_0 = x_c = x_0 = torch.zeros_like(r)
         grad_weight = None
         if v is not None:
             v = v.to(dtype)
-            v_mean, v_xhat = channel_mean(v), r * channel_mean(v * c)
-            v_h = channel_mean(v * g) - v_mean * g_mean - v_xhat * g_xhat  # mean(v·dx) / (γ·r)
-            g_v, g_c, g_0 = gamma * r, -gamma * r * r * v_xhat, -gamma * r * v_mean
-            x_v, x_g = -gamma * r * r * g_xhat, -gamma * r * r * v_xhat
-            x_c = -gamma * r ** 3 * (v_h - 2 * v_xhat * g_xhat)
-            x_0 = gamma * r * r * (g_xhat * v_mean + v_xhat * g_mean)
+            v_xhat, v_mean = (s.view(shape) / ctx.count for s in _channel_sums(v, x, weight, mean, rstd, ctx.eps))
+            unit = torch.zeros_like(mean), torch.ones_like(rstd)  # mean 0 and 1/σ 1: the kernel's Σ v·(g - 0)·1
+            v_g = _channel_sums(v, g, weight, *unit, ctx.eps)[0].view(shape) / ctx.count
+            v_h = v_g - v_mean * g_mean - v_xhat * g_xhat  # mean(v·dx) / (γ·r)
+            k, g_0 = -gamma_r * r * v_xhat, -gamma_r * v_mean
+            x_c = -gamma_r * r * r * (v_h - 2 * v_xhat * g_xhat)
+            x_0 = gamma_r * r * (g_xhat * v_mean + v_xhat * g_mean)
             grad_weight = (r * v_h).flatten() * ctx.count
         if v_weight is not None:
-            v_weight = v_weight.to(dtype).view(shape)
-            g_c = g_c + v_weight * r
-            x_g, x_c, x_0 = x_g + v_weight * r, x_c - v_weight * r * r * g_xhat, x_0 - v_weight * r * g_mean
+            v_weight_r = v_weight.to(dtype).view(shape) * r
+            k, x_c, x_0 = k + v_weight_r, x_c - v_weight_r * r * g_xhat, x_0 - v_weight_r * g_mean
         if v_bias is not None:
             g_0 = g_0 + v_bias.to(dtype).view(shape)
-        grad_g = torch.addcmul(g_0, c, g_c)
-        grad_x = torch.addcmul(x_0, c, x_c).addcmul_(g, x_g)
+        grad_g = torch.addcmul(g_0, c, k)
+        grad_x = torch.addcmul(x_0, c, x_c).addcmul_(g, k)
         if v is not None:
-            grad_g.addcmul_(v, g_v)
-            grad_x.addcmul_(v, x_v)
-        return (grad_g.to(grad.dtype), grad_x.to(x.dtype),
-                None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
+            grad_g.addcmul_(v, gamma_r)
+            grad_x.addcmul_(v, -gamma_r * r * g_xhat)
+        return (grad_g.to(grad.dtype), grad_x.to(x_saved.dtype),
+                None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None, None, None)
 
 
 _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")

@@ -56,12 +56,14 @@ class _SwitchableReLU(torch.autograd.Function):
         # the mask is piecewise constant: detached, differentiating this backward (create_graph=True) costs one
         # pass over grad, without the zero derivative with respect to the forward's output that torch would add
         out = ctx.saved_tensors[0].detach()
-        if ctx.switch.on:
-            grad = grad.clamp(min=0)
         # the very ops of torch's own ReLU / ReLU6 derivatives, differentiable in grad
         if ctx.upper is None:
-            return torch.ops.aten.threshold_backward(grad, out, 0), None, None
-        return torch.ops.aten.hardtanh_backward(grad, out, 0, ctx.upper), None, None
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        else:
+            grad = torch.ops.aten.hardtanh_backward(grad, out, 0, ctx.upper)
+        if ctx.switch.on:  # guided: masking then keeping the positive part is keeping the positive part masked
+            grad.clamp_(min=0)
+        return grad, None, None
 
 
 # function -> (upper bound or None, whether it works in place)

@@ -131,15 +131,16 @@ class _BatchNormGradient(torch.autograd.Function):
         shape = [1, -1] + [1] * (x_saved.ndim - 2)
         dtype = torch.promote_types(x_saved.dtype, torch.float32)  # at least float32, as torch's own
         g, x, r = grad.to(dtype), x_saved.to(dtype), rstd.view(shape)
-        c, gamma_r = x - mean.view(shape), weight.to(dtype).view(shape) * r
+        gamma = weight.to(dtype)
+        c, gamma_r = x - mean.view(shape), gamma.view(shape) * r
         g_mean, g_xhat = g_mean.to(dtype).view(shape), g_xhat.to(dtype).view(shape)  # mean g, mean(g·x̂)
         k = g_0 = x_c = x_0 = torch.zeros_like(r)
         grad_weight = None
         if v is not None:
             v = v.to(dtype)
-            v_xhat, v_mean = (s.view(shape) / ctx.count for s in _channel_sums(v, x, weight, mean, rstd, ctx.eps))
+            v_xhat, v_mean = (s.view(shape) / ctx.count for s in _channel_sums(v, x, gamma, mean, rstd, ctx.eps))
             unit = torch.zeros_like(mean), torch.ones_like(rstd)  # mean 0 and 1/σ 1: the kernel's Σ v·(g - 0)·1
-            v_g = _channel_sums(v, g, weight, *unit, ctx.eps)[0].view(shape) / ctx.count
+            v_g = _channel_sums(v, g, gamma, *unit, ctx.eps)[0].view(shape) / ctx.count
             v_h = v_g - v_mean * g_mean - v_xhat * g_xhat  # mean(v·dx) / (γ·r)
             k, g_0 = -gamma_r * r * v_xhat, -gamma_r * v_mean
             x_c = -gamma_r * r * r * (v_h - 2 * v_xhat * g_xhat)

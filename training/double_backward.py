@@ -47,7 +47,7 @@ class _TransposableConv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
         # under autocast the forward ran in the output's precision, not the inputs': so does the backward
-        low_x, low_weight = x.to(grad.dtype), weight.to(grad.dtype)
+        low_weight = weight.to(grad.dtype)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             # the rows and columns of x that the strided convolution never reached
@@ -57,9 +57,9 @@ class _TransposableConv2d(torch.autograd.Function):
                                         dilation).to(x.dtype)
         if not ctx.inputs_only.on:
             if ctx.needs_input_grad[1]:
-                grad_weight = torch.ops.aten.convolution_backward(grad, low_x, low_weight, None, stride, padding,
-                                                                  dilation, False, [0, 0], groups,
-                                                                  [False, True, False])[1].to(weight.dtype)
+                grad_weight = torch.ops.aten.convolution_backward(
+                    grad, x.to(grad.dtype), low_weight, None, stride, padding, dilation, False, [0, 0], groups,
+                    [False, True, False])[1].to(weight.dtype)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_bias = grad.sum((0, 2, 3)).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None

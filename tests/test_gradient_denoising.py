@@ -186,13 +186,23 @@ def test_transposable_convolution_has_torch_values_and_first_and_second_derivati
 
 def primitive_batch_norm(x, weight, bias, eps=1e-5):
     """Training-mode batch norm from elementary operations: autograd's derivatives of any order are exact."""
-    mean = x.mean((0, 2, 3), keepdim=True)
-    variance = (x - mean).square().mean((0, 2, 3), keepdim=True)
-    return (x - mean) / (variance + eps).sqrt() * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    dims, shape = [0, *range(2, x.ndim)], [1, -1] + [1] * (x.ndim - 2)
+    mean = x.mean(dims, keepdim=True)
+    variance = (x - mean).square().mean(dims, keepdim=True)
+    return (x - mean) / (variance + eps).sqrt() * weight.view(shape) + bias.view(shape)
 
 
-def test_lean_batch_norm_has_exact_values_and_first_and_second_derivatives():
-    x = (torch.randn(4, 3, 5, 6, dtype=torch.float64) * 3 + 2).requires_grad_(True)
+@pytest.mark.parametrize("derivative, shape, memory_format", [
+    ("compiled", (4, 3, 5, 6), torch.contiguous_format), ("compiled", (4, 3, 5, 6), torch.channels_last),
+    ("compiled", (6, 3), torch.contiguous_format),  # batch norm of features (nn.BatchNorm1d)
+    ("eager", (4, 3, 5, 6), torch.contiguous_format)])
+def test_lean_batch_norm_has_exact_values_and_first_and_second_derivatives(derivative, shape, memory_format,
+                                                                            monkeypatch):
+    if derivative == "eager":  # what TORCHDYNAMO_DISABLE=1 runs
+        monkeypatch.setattr(double_backward, "_compiled_second_derivative",
+                            double_backward.batch_norm_second_derivative)
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 2
+    x = x.contiguous(memory_format=memory_format).requires_grad_(True)
     weight, bias = torch.randn(3, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64,
                                                                                          requires_grad=True)
 

@@ -11,9 +11,10 @@ rounding) and a cheaper second derivative:
   part as forward convolutions of transposed tensors and, for a grouped convolution, runs one convolution
   per group (thousands per step for MobileNet-V2's depthwise layers).
 - Batch norm runs the kernels torch would pick (cuDNN's on a GPU) for its forward and gradients; their
-  derivative is written out per channel: three channel sums (two passes of batch norm's fused reduction)
-  and a few multiply-adds over the activations, where torch's generic ``batchnorm_double_backward`` runs
-  about sixty operations over them.
+  derivative is written out per channel and compiled by ``torch.compile`` (a C++ kernel on the CPU, Triton
+  on a GPU) into one pass of channel sums and one element-wise pass, where torch's generic
+  ``batchnorm_double_backward`` runs about sixty operations over the activations. Without a C++ compiler,
+  ``TORCHDYNAMO_DISABLE=1`` runs the same derivative in eager torch.
 
 Backward passes that only need input gradients run with the yielded switch on
 (``with inputs_only.switched_on():``), which skips the weight and bias gradients, as torch's engine does
@@ -99,13 +100,6 @@ def _batch_norm_gradients(kernel, grad, x, weight, mean, rstd, reserve, eps, mas
                                                           mask, reserve)
 
 
-def _channel_sums(grad, x, weight, mean, rstd, eps):
-    """Per channel ``(Σ grad·(x - mean)·rstd, Σ grad)``: batch norm's weight and bias gradients, one fused pass
-    (``weight`` plays no part in them; torch's CUDA kernel wants one)."""
-    return torch.ops.aten.native_batch_norm_backward(grad, x, weight, None, None, mean, rstd, True, eps,
-                                                     [False, True, True])[1:]
-
-
 class _BatchNormGradient(torch.autograd.Function):
     """(dx, dγ, dβ) of training-mode batch norm from the output gradient g; its backward is written out."""
 
@@ -114,50 +108,54 @@ class _BatchNormGradient(torch.autograd.Function):
         # dγ and dβ are sums over g that the kernel computes for dx anyway: kept, they save the backward two passes
         grad_x, grad_weight, grad_bias = _batch_norm_gradients(kernel, grad, x, weight, mean, rstd, reserve, eps,
                                                                [mask[0], True, True])
-        ctx.count, ctx.eps = x.numel() // x.shape[1], eps  # values per channel
-        ctx.save_for_backward(grad, x, weight, mean, rstd, grad_bias / ctx.count, grad_weight / ctx.count)
+        count = x.numel() // x.shape[1]  # values per channel
+        ctx.save_for_backward(grad, x, weight, mean, rstd, grad_bias / count, grad_weight / count)
         ctx.set_materialize_grads(False)  # an output nobody used gets None, and costs nothing
         return grad_x, grad_weight if mask[1] else None, grad_bias if mask[2] else None
 
     @staticmethod
     @once_differentiable
     def backward(ctx, v, v_weight, v_bias):
-        # Per channel, with c = x - μ, r = 1/σ and x̂ = r·c: dx = γ·r·(g - mean g - x̂·mean(g·x̂)), dγ = Σ g·x̂,
-        # dβ = Σ g. Their derivatives along (v, v_weight, v_bias) with respect to g and x are per-channel
-        # combinations of v, g and c: grad_g = γr·v + k·c + g_0 and grad_x = x_v·v + k·g + x_c·c + x_0 (the
-        # mixed coefficient k is shared, the second derivative being symmetric). The channel means of v, v·x̂
-        # and v·g come from batch norm's fused weight and bias gradient kernel.
-        grad, x_saved, weight, mean, rstd, g_mean, g_xhat = ctx.saved_tensors
-        shape = [1, -1] + [1] * (x_saved.ndim - 2)
-        dtype = torch.promote_types(x_saved.dtype, torch.float32)  # at least float32, as torch's own
-        g, x, r = grad.to(dtype), x_saved.to(dtype), rstd.view(shape)
-        gamma = weight.to(dtype)
-        c, gamma_r = x - mean.view(shape), gamma.view(shape) * r
-        g_mean, g_xhat = g_mean.to(dtype).view(shape), g_xhat.to(dtype).view(shape)  # mean g, mean(g·x̂)
-        k = g_0 = x_c = x_0 = torch.zeros_like(r)
-        grad_weight = None
-        if v is not None:
-            v = v.to(dtype)
-            v_xhat, v_mean = (s.view(shape) / ctx.count for s in _channel_sums(v, x, gamma, mean, rstd, ctx.eps))
-            unit = torch.zeros_like(mean), torch.ones_like(rstd)  # mean 0 and 1/σ 1: the kernel's Σ v·(g - 0)·1
-            v_g = _channel_sums(v, g, gamma, *unit, ctx.eps)[0].view(shape) / ctx.count
-            v_h = v_g - v_mean * g_mean - v_xhat * g_xhat  # mean(v·dx) / (γ·r)
-            k, g_0 = -gamma_r * r * v_xhat, -gamma_r * v_mean
-            x_c = -gamma_r * r * r * (v_h - 2 * v_xhat * g_xhat)
-            x_0 = gamma_r * r * (g_xhat * v_mean + v_xhat * g_mean)
-            grad_weight = (r * v_h).flatten() * ctx.count
-        if v_weight is not None:
-            v_weight_r = v_weight.to(dtype).view(shape) * r
-            k, x_c, x_0 = k + v_weight_r, x_c - v_weight_r * r * g_xhat, x_0 - v_weight_r * g_mean
-        if v_bias is not None:
-            g_0 = g_0 + v_bias.to(dtype).view(shape)
-        grad_g = torch.addcmul(g_0, c, k)
-        grad_x = torch.addcmul(x_0, c, x_c).addcmul_(g, k)
-        if v is not None:
-            grad_g.addcmul_(v, gamma_r)
-            grad_x.addcmul_(v, -gamma_r * r * g_xhat)
-        return (grad_g.to(grad.dtype), grad_x.to(x_saved.dtype),
-                None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None, None, None)
+        grad, x, weight, mean, rstd, g_mean, g_xhat = ctx.saved_tensors
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32, as torch's own
+        channel = torch.zeros_like(mean, dtype=dtype)
+        grad_g, grad_x, grad_weight = _compiled_second_derivative(
+            torch.zeros_like(x, dtype=dtype) if v is None else v.to(dtype),  # None only when dx was not used
+            channel if v_weight is None else v_weight.to(dtype), channel if v_bias is None else v_bias.to(dtype),
+            grad.to(dtype), x.to(dtype), weight.detach().to(dtype), mean, rstd, g_mean.to(dtype), g_xhat.to(dtype))
+        return (grad_g.to(grad.dtype), grad_x.to(x.dtype), None if v is None else grad_weight.to(weight.dtype),
+                None, None, None, None, None, None)
+
+
+def batch_norm_second_derivative(v, v_weight, v_bias, g, x, gamma, mean, rstd, g_mean, g_xhat):
+    """The derivatives of (dx, dγ, dβ) of training-mode batch norm along (v, v_weight, v_bias), with respect to
+    the output gradient g, to x and to γ; ``g_mean`` and ``g_xhat`` are the channel means of g and g·x̂.
+
+    Per channel, with c = x - μ, r = 1/σ and x̂ = r·c: dx = γ·r·(g - mean g - x̂·mean(g·x̂)), dγ = Σ g·x̂,
+    dβ = Σ g. The derivatives with respect to g and x are per-channel combinations of v, g and c:
+    grad_g = γr·v + k·c + g_0 and grad_x = x_v·v + k·g + x_c·c + x_0 (the mixed coefficient k is shared, the
+    second derivative being symmetric). Compiled, three channel means and one element-wise pass."""
+    spatial, shape = list(range(2, x.ndim)), [1, -1] + [1] * (x.ndim - 2)
+
+    def channel_mean(t):  # spatial positions first: faster kernels than one reduction over both, either layout
+        return (t.mean(spatial, True) if spatial else t).mean(0, True)
+
+    r, c = rstd.view(shape), x - mean.view(shape)
+    gamma_r, v_weight_r = gamma.view(shape) * r, v_weight.view(shape) * r
+    g_mean, g_xhat = g_mean.view(shape), g_xhat.view(shape)
+    v_mean, v_xhat, v_g = channel_mean(v), channel_mean(v * c) * r, channel_mean(v * g)
+    v_h = v_g - v_mean * g_mean - v_xhat * g_xhat  # mean(v·dx) / (γ·r)
+    k = v_weight_r - gamma_r * r * v_xhat
+    g_0 = v_bias.view(shape) - gamma_r * v_mean
+    x_c = -gamma_r * r * r * (v_h - 2 * v_xhat * g_xhat) - v_weight_r * r * g_xhat
+    x_0 = gamma_r * r * (g_xhat * v_mean + v_xhat * g_mean) - v_weight_r * g_mean
+    grad_g = gamma_r * v + k * c + g_0
+    grad_x = x_c * c + x_0 + k * g - gamma_r * r * g_xhat * v
+    return grad_g, grad_x, (r * v_h).flatten() * (x.numel() // x.shape[1])
+
+
+# one graph for every shape; weight.detach() above keeps nn.Parameter's static shapes out of it
+_compiled_second_derivative = torch.compile(batch_norm_second_derivative, dynamic=True)
 
 
 _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")

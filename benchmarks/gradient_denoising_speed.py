@@ -1,7 +1,8 @@
 """Training-step time of gradient denoising (thesis ch. 4) against the plain objective, side by side.
 
     python benchmarks/gradient_denoising_speed.py [--models resnet18_cifar mobilenetv2_cifar] [--batch 128]
-        [--repeats 5] [--formats contiguous channels_last] [--device cpu|cuda] [--threads N] [--out results/benchmark]
+        [--repeats 5] [--formats contiguous channels_last] [--device cpu|cuda] [--threads N] [--keep-freed-memory]
+        [--out results/benchmark]
 
 One step is what training does: zero the gradients, the objective (``Classification`` or
 ``GradientDenoising()``, cosine, λ = 7.5e-3), ``loss.backward()`` and an SGD step, on a fixed CIFAR-100
@@ -9,8 +10,9 @@ sized batch (32 px, 100 classes) of a randomly initialised model in train mode. 
 format the objectives alternate within every repetition (so all see the same machine load) after one warm-up
 step each; the median step times are reported with the median of the per-repetition ratios GD / standard
 (the thesis counts 5 passes against 2, about 2.5x). ``channels_last`` changes the speed, not the loss: the
-gradient-denoising loss of the first step is printed per format to show it. ``torch.compile`` is not
-offered: its aot_autograd does not support double backward, which the regulariser needs. The objective
+gradient-denoising loss of the first step is printed per format to show it. ``torch.compile`` of the step
+is not offered: its aot_autograd does not support double backward, which the regulariser needs (the
+objective compiles its batch-norm derivative, which runs inside the last backward). The objective
 records its convolutions and batch norms as ``training.double_backward`` nodes; a third objective, the same
 with torch's own layers and their double backward (a per-group loop for grouped convolutions, a generic
 formula for batch norm), is timed beside it. On the first batch both objectives' float32 parameter gradients
@@ -18,21 +20,23 @@ are compared with float64 ones through torch's layers (cuDNN's TF32 off): errors
 rounding, which these random networks' second derivatives amplify. On a CPU, three more steps of each
 objective run under ``torch.profiler`` (medians kept): the time their convolutions take (the self time of
 operators whose name has "convolution") gives the ratio convolutions alone would set, and the largest other
-operators of the GD step show what lies above it (on a GPU, kernels and the operators that launch them would
-need matching first; not done). On a GPU each step is also captured once as a CUDA graph
-(``--no-cuda-graphs`` skips it), which takes Python and kernel launches out of the step, and replays of the
-standard and the GD graph alternate the same way; the replayed loss and gradients are compared with an eager
-step on the same weights. Writes a JSON file and a Markdown table into ``--out``, named by the time of the
-run.
+operators of the GD step show what lies above it ("compiled graphs": those of ``torch.compile``; on a GPU,
+kernels and the operators that launch them would need matching first; not done). On a GPU each step is also
+captured once as a CUDA graph (``--no-cuda-graphs`` skips it), which takes Python and kernel launches out of
+the step, and replays of the standard and the GD graph alternate the same way; the replayed loss and gradients
+are compared with an eager step on the same weights. Writes a JSON file and a Markdown table into ``--out``,
+named by the time of the run.
 
 On Linux, glibc maps every block above its mmap threshold (32 MB at most, e.g. a 64-channel 32 px activation
 at batch 128) afresh and unmaps it when freed, so each such new tensor page-faults, which costs several times
 the arithmetic of an element-wise operation; the GD step allocates more of them than the standard one.
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` make glibc keep freed memory for reuse; the run's
-setting names these variables when they are set.
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` make glibc keep freed memory for reuse, and so does
+``--keep-freed-memory`` from within the process, as ``zoo-train`` does by default (``training.allocator``); the
+run's setting names either when it is in effect.
 """
 
 import argparse
+import collections
 import copy
 import os
 import statistics
@@ -45,6 +49,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import zoo  # noqa: F401  (registers resnet18_cifar and mobilenetv2_cifar with timm)
+from training.allocator import keep_freed_memory
 from training.gradient_denoising import GradientDenoising
 from training.objectives import Classification
 from zoo.measure import device_name, save_run, timed
@@ -192,7 +197,11 @@ def convolution_profile(model, optimiser, objectives, images, labels, rounds=3):
         for key in list(objectives) if r % 2 == 0 else list(objectives)[::-1]:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 training_step(model, optimiser, objectives[key], images, labels)
-            seconds[key].append({event.key: event.self_cpu_time_total / 1e6 for event in prof.key_averages()})
+            operators = collections.Counter()
+            for event in prof.key_averages():  # torch.compile's graphs are named by a hash: counted as one
+                operators["compiled graphs" if "CompiledFxGraph" in event.key else event.key] += \
+                    event.self_cpu_time_total / 1e6
+            seconds[key].append(operators)
     conv = {key: statistics.median(sum(t for op, t in ops.items() if "convolution" in op) for ops in runs)
             for key, runs in seconds.items()}
     total = {key: statistics.median(sum(ops.values()) for ops in runs) for key, runs in seconds.items()}
@@ -244,6 +253,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, skip the CUDA graph replays")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc's malloc keeps freed memory for reuse, as zoo-train does (training.allocator)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -253,6 +264,8 @@ def main(argv=None):
     setting = (f"on {where}, torch {torch.__version__}, batch {args.batch} at {IMAGE_SIZE} px, median of "
                f"{args.repeats} alternating steps, {time.strftime('%Y-%m-%d')}")
     allocator = [f"{key}={os.environ[key]}" for key in ALLOCATOR_SETTINGS if key in os.environ]
+    if args.keep_freed_memory and keep_freed_memory():
+        allocator.append("glibc's malloc keeping freed memory (training.allocator)")
     setting += f", with {' '.join(allocator)}" if allocator else ""
     print(f"Training step, standard vs gradient denoising ({setting})", flush=True)
 

@@ -27,12 +27,10 @@ the step, and replays of the standard and the GD graph alternate the same way; t
 are compared with an eager step on the same weights. Writes a JSON file and a Markdown table into ``--out``,
 named by the time of the run.
 
-On Linux, glibc maps every block above its mmap threshold (32 MB at most, e.g. a 64-channel 32 px activation
-at batch 128) afresh and unmaps it when freed, so each such new tensor page-faults, which costs several times
-the arithmetic of an element-wise operation; the GD step allocates more of them than the standard one.
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` make glibc keep freed memory for reuse, and so does
-``--keep-freed-memory`` from within the process, as ``zoo-train`` does by default (``training.allocator``); the
-run's setting names either when it is in effect.
+On Linux, glibc's ``malloc`` maps large blocks afresh and page-faults them on every step (why and what it
+costs: ``training.allocator``). ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824``, or
+``--keep-freed-memory`` from within the process as ``zoo-train`` does by default, make it keep freed memory for
+reuse; the run's setting names either when it is in effect.
 """
 
 import argparse

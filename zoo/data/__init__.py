@@ -26,7 +26,13 @@ Debian idx files in ``root``; "torchvision" torchvision's layout, which ``downlo
 
 ``transforms`` is a ``torchvision.transforms.v2`` transform called as ``transforms(image, target)``, so boxes
 follow every resize, crop and flip of the image. ``sanitize_boxes()`` drops the boxes a crop emptied together
-with their ``box_labels`` and ``difficult``; ``collate`` is the DataLoader's ``collate_fn``.
+with their ``box_labels`` and ``difficult``; ``collate`` is the DataLoader's ``collate_fn``. The evaluation
+preprocessing (``transforms.eval_transform``) clips boxes to its centre crop and drops none: a box wholly
+outside the crop stays, with zero area.
+
+An entry of a list file that names a file (CUB's images.txt, the image ids of VOC's ImageSets) must be a
+relative path of plain names whose file lies inside the dataset (``base.listed_path``); any other entry is
+refused when the reader is built, before any image is read, by a ValueError naming the file, line and entry.
 
 Box coordinates are in pixels of the image as stored, continuous, with the origin at the top-left corner of
 the top-left pixel: pixel (column i, row j), counted from 0, covers [i, i + 1) x [j, j + 1). A box

@@ -1,5 +1,6 @@
 """The sample format shared by every reader, the readers' base class, and the DataLoader helpers."""
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from torchvision.transforms.v2.functional import get_size
 Target = dict[str, Any]
 Sample = tuple[Image.Image | tv_tensors.Image, Target]
 PER_BOX_KEYS = ("box_labels", "difficult")
+PLAIN_NAME = "[A-Za-z0-9_-][A-Za-z0-9_.-]*"
+PLAIN_NAME_RULE = "letters, digits, '_', '-' and '.', not starting with '.'"
 
 
 def open_image(path: Path) -> Image.Image:
@@ -87,6 +90,22 @@ def read_table(path: Path, columns: int) -> Iterator[Line]:
         if len(fields) != columns:
             raise ValueError(f"{path}:{number}: expected {columns} columns, found {len(fields)}: {text!r}")
         yield Line(f"{path}:{number}", fields)
+
+
+def listed_path(folder: Path, entry: str, source: str, form: str = "<name>", suffix: str = "") -> Path:
+    """``folder / (entry + suffix)`` for an ``entry`` of a list file, ``source`` its ``file:line``.
+
+    ``form`` names the entry's parts, one per "/" (e.g. ``"<class folder>/<image>"``), and so fixes their number.
+    Each part must be a plain name (``PLAIN_NAME``: no "..", no separator, so the entry is relative), and the
+    path, symbolic links followed, must lie inside ``folder``; anything else is a ValueError naming ``source`` and
+    the entry, so that no list file makes a reader open a file outside its dataset.
+    """
+    if not re.fullmatch("/".join([PLAIN_NAME] * (form.count("/") + 1)), entry):
+        raise ValueError(f"{source}: refused {entry!r}: expected {form}, each part a name of {PLAIN_NAME_RULE}")
+    path = folder / f"{entry}{suffix}"
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{source}: refused {entry!r}: {path} leads outside {folder} through a symbolic link")
+    return path
 
 
 def parse(source: str, text: str, kind: Callable[[str], Any]) -> Any:

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 from torchvision.transforms.v2.functional import get_size
 
-from .base import ImageDataset, Line, Sample, check_boxes, make_target, open_image, parse, read_table
+from .base import ImageDataset, Line, Sample, check_boxes, listed_path, make_target, open_image, parse, read_table
 
 
 class CubImage(NamedTuple):
@@ -23,6 +23,7 @@ class CUB200(ImageDataset):
 
     Classes are the names of classes.txt (``001.Black_footed_Albatross``, ...), indexed in the order of their
     1-based ids. The box of bounding_boxes.txt, ``x y width height``, becomes ``[x, y, x + width, y + height]``.
+    Every entry of images.txt must be ``<class folder>/<image>`` inside ``images`` (see ``listed_path``).
     """
 
     layout = (
@@ -43,6 +44,8 @@ class CUB200(ImageDataset):
         boxes = self.read_by_id(folder / "bounding_boxes.txt", 4, images)
         self.images = []
         for image_id in sorted(images):
+            listed_at, (entry,) = images[image_id]
+            path = listed_path(folder / "images", entry, listed_at, "<class folder>/<image>")
             flag = parse(is_train[image_id].source, is_train[image_id].fields[0], int)
             if flag not in (0, 1):
                 raise ValueError(f"{is_train[image_id].source}: the split flag must be 1 (train) or 0 (test)")
@@ -54,8 +57,8 @@ class CUB200(ImageDataset):
             x, y, width, height = (parse(boxes[image_id].source, text, float) for text in boxes[image_id].fields)
             self.images.append(
                 CubImage(
-                    path=folder / "images" / images[image_id].fields[0],
-                    listed_at=images[image_id].source,
+                    path=path,
+                    listed_at=listed_at,
                     label=class_index[class_id],
                     box=(x, y, x + width, y + height),
                     box_source=boxes[image_id].source,

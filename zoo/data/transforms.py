@@ -2,6 +2,13 @@
 
 ``config`` is what ``timm.data.resolve_data_config`` gives (``input_size``, ``interpolation``, ``crop_pct``,
 ``mean``, ``std``). Grey images (Fashion-MNIST) become RGB.
+
+Boxes in the evaluation preprocessing: the centre crop clips every box to the crop, explicitly
+(``v2.ClampBoundingBoxes("hard")`` after it: since torchvision 0.23 a crop clamps only boxes whose own
+``clamping_mode`` asks for it, "soft" by default, and a target built elsewhere may carry ``clamping_mode=None``).
+No box is dropped: one wholly outside the crop comes out with zero area (``x1 == x2`` or ``y1 == y2``), in its
+place beside its ``box_labels`` (and VOC's ``difficult``), so that the harness sees and counts it. Training code
+that wants such boxes gone adds ``sanitize_boxes()``.
 """
 
 import torch
@@ -21,11 +28,11 @@ def _to_normalised_tensor(config: dict) -> list:
 
 
 def eval_transform(config: dict) -> v2.Compose:
-    """timm's evaluation preprocessing: resize to size / crop_pct, centre crop, normalise."""
+    """timm's evaluation preprocessing: resize to size / crop_pct, centre crop (boxes clipped to it), normalise."""
     size = config["input_size"][-2:]
     return v2.Compose([
         v2.ToImage(), v2.RGB(), v2.Resize(int(size[0] / config["crop_pct"]), interpolation=_interpolation(config)),
-        v2.CenterCrop(size), *_to_normalised_tensor(config),
+        v2.CenterCrop(size), v2.ClampBoundingBoxes("hard"), *_to_normalised_tensor(config),
     ])
 
 

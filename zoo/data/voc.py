@@ -7,7 +7,7 @@ from xml.etree import ElementTree
 import torch
 from torchvision.transforms.v2.functional import get_size
 
-from .base import ImageDataset, Sample, check_boxes, make_target, open_image, parse, read_table
+from .base import ImageDataset, Sample, check_boxes, listed_path, make_target, open_image, parse, read_table
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -22,6 +22,14 @@ class VocObject(NamedTuple):
     box: tuple[float, float, float, float]
     difficult: bool
     source: str
+
+
+class VocImage(NamedTuple):
+    """One image of the split: its annotation and JPEG files, and the split file's line that listed it."""
+
+    annotation: Path
+    image: Path
+    listed_at: str
 
 
 def read_annotation(path: Path) -> list[VocObject]:
@@ -61,6 +69,7 @@ class VOC2012(ImageDataset):
     ``difficult="keep"`` (default) keeps difficult objects, flagged in ``difficult``, so a class whose only
     instances are difficult is labelled 1 (VOC's own classification ground truth marks such a class 0,
     "difficult", and its evaluation ignores it). ``difficult="drop"`` removes them: such a class is labelled 0.
+    Every id of the split file must be a plain name whose files lie inside their folders (see ``listed_path``).
     """
 
     splits = ("train", "val", "trainval")
@@ -76,17 +85,24 @@ class VOC2012(ImageDataset):
             raise ValueError(f"difficult={difficult!r}: expected 'keep' or 'drop'")
         self.keep_difficult = difficult == "keep"
         self.require(Path(root))
-        self.folder = self.require(Path(root) / "VOCdevkit" / "VOC2012")
-        self.ids = list(read_table(self.require(self.folder / "ImageSets" / "Main" / f"{split}.txt"), 1))
+        folder = self.require(Path(root) / "VOCdevkit" / "VOC2012")
+        self.images = [
+            VocImage(
+                annotation=listed_path(folder / "Annotations", image_id, listed_at, "<id>", ".xml"),
+                image=listed_path(folder / "JPEGImages", image_id, listed_at, "<id>", ".jpg"),
+                listed_at=listed_at,
+            )
+            for listed_at, (image_id,) in read_table(self.require(folder / "ImageSets" / "Main" / f"{split}.txt"), 1)
+        ]
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.images)
 
     def load(self, index: int) -> Sample:
-        listed_at, (image_id,) = self.ids[index]
-        objects = read_annotation(self.require(self.folder / "Annotations" / f"{image_id}.xml", listed_at))
+        record = self.images[index]
+        objects = read_annotation(self.require(record.annotation, record.listed_at))
         objects = [obj for obj in objects if self.keep_difficult or not obj.difficult]
-        image = open_image(self.require(self.folder / "JPEGImages" / f"{image_id}.jpg", listed_at))
+        image = open_image(self.require(record.image, record.listed_at))
         check_boxes([obj.box for obj in objects], get_size(image), [obj.source for obj in objects])
         box_labels = torch.tensor([obj.label for obj in objects], dtype=torch.int64)
         label = torch.zeros(len(VOC_CLASSES)).index_fill_(0, box_labels, 1.0)

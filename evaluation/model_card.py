@@ -6,6 +6,11 @@
 A card folder (``model_cards/<arch>.<tag>/``, or the Hub folder ``zoo-publish`` builds) holds ``README.md``,
 the results it reports (``results/<dataset>-<protocol key>.json``, each with the harness' ``examples.png`` as
 ``results/<dataset>-<protocol key>.png``) and, for a checkpoint that is not a registered tag, its ``config.json``.
+A folder zoo-card or zoo-publish creates holds the marker ``.zoo-card``: only such a folder (or an empty one) is
+ever replaced by ``zoo-publish --cards`` or ``--out --overwrite``. A name that becomes a path (the card's, a results
+file's dataset and protocol key) must follow the Hub's repository-name rules and stay inside its folder. Results
+are refused unless measured on the card's model: its architecture and class count, and its weights where the card's
+``config.json`` records their SHA-256 (``weights_sha256``, as zoo-publish writes it); every number must be finite.
 ``README.md`` is generated from those files alone, so regenerating gives the same card: its YAML front matter
 (``library_name: timm``, license, tags, datasets, ``base_model``, and a ``model-index`` entry for every measured
 number, timings excepted) and a body with the thesis-layout tables, the protocol, usage, the example maps,
@@ -15,6 +20,7 @@ extra tags are kept when a card is regenerated. A checkpoint without results get
 
 import argparse
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +29,8 @@ from pathlib import Path
 import timm
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 import zoo
 from zoo.hub import CONFIG_FILE, hub_id, read_config
@@ -31,9 +39,14 @@ from zoo.thesis import TABLE_3_1, TABLE_3_2, TABLE_3_3, TABLE_4_1
 
 from .harness import COLUMNS
 
-__all__ = ["BIBTEX", "CARDS_DIR", "METRICS", "add_results", "main", "regenerate", "thesis_rows", "write_card"]
+__all__ = ["BIBTEX", "CARDS_DIR", "CARD_MARKER", "METRICS", "add_results", "check_replaceable", "create_card_folder",
+           "inside", "main", "regenerate", "safe_name", "thesis_rows", "write_card"]
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+CARD_MARKER = ".zoo-card"  # in every folder zoo-card or zoo-publish created: the only non-empty folders they replace
+MARKER_TEXT = "Created by interpretable-zoo's zoo-card or zoo-publish, which may replace this whole folder.\n"
+NAME_RULES = ("the Hub's repository-name rules: letters, digits, '-', '_' and '.', not starting or ending with '-' "
+              "or '.', no '--' or '..', at most 96 characters")
 
 BIBTEX = r"""@phdthesis{torres2024thesis,
   author = {Torres Figueroa, Felipe},
@@ -109,6 +122,56 @@ FAMILIES = {  # model class -> (tag, what it is, what `saliency` is)
 }
 
 
+def _is_hub_name(value) -> bool:
+    """Whether ``value`` may name a Hub repository (without organisation), by huggingface_hub's own check."""
+    if not isinstance(value, str) or "/" in value:
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def safe_name(value, what: str) -> str:
+    """``value`` if it is a Hub repository name (hence a plain file or folder name); ``ValueError`` naming ``what``
+    otherwise."""
+    if not _is_hub_name(value):
+        raise ValueError(f"{what} {value!r} is refused: a name that becomes a path follows {NAME_RULES}")
+    return value
+
+
+def inside(root: Path, name: str, what: str) -> Path:
+    """``root / name``, refused (naming ``what``) unless ``name`` is a ``safe_name`` and resolves to an entry of
+    ``root`` itself (not through a link elsewhere)."""
+    path = root / safe_name(name, what)
+    if path.resolve().parent != root.resolve():
+        raise ValueError(f"{what} {name!r} is refused: {path} resolves to {path.resolve()}, outside {root}")
+    return path
+
+
+def create_card_folder(folder: Path, exist_ok: bool = True) -> Path:
+    """``folder``, created with the marker that lets zoo-card and zoo-publish replace it; an existing one is left as
+    it is where ``exist_ok``."""
+    if exist_ok and folder.exists():
+        return folder
+    folder.mkdir(parents=True)
+    (folder / CARD_MARKER).write_text(MARKER_TEXT)
+    return folder
+
+
+def check_replaceable(folder: Path, what: str) -> None:
+    """Refuse (``FileExistsError`` naming ``what``) to replace ``folder`` unless it is absent, an empty folder or one
+    zoo-card or zoo-publish created (it holds the marker), and never the working directory or a folder above it."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if Path.cwd().is_relative_to(folder.resolve()):
+        raise FileExistsError(f"{what} {folder} holds the working directory: refusing to replace it")
+    if folder.is_symlink() or not folder.is_dir() or (any(folder.iterdir()) and not (folder / CARD_MARKER).is_file()):
+        raise FileExistsError(f"{what} {folder} is neither an empty folder nor one zoo-card or zoo-publish created (it "
+                              f"holds no {CARD_MARKER}): refusing to replace it; choose another or empty it")
+
+
 @dataclass
 class Stored:
     """A results file kept in a card folder."""
@@ -134,13 +197,15 @@ class ModelInfo:
     model_args: dict
     pretrained_cfg: dict
     registered: bool
+    weights_sha256: str | None = None  # as the checkpoint's config.json records it
 
     @classmethod
     def of(cls, folder: Path, name: str) -> "ModelInfo":
         if (folder / CONFIG_FILE).is_file():
             config = read_config(folder)
             return cls(config["architecture"], config["num_classes"], config.get("model_args", {}),
-                       config.get("pretrained_cfg", {}), name in zoo.list_models(pretrained=True))
+                       config.get("pretrained_cfg", {}), name in zoo.list_models(pretrained=True),
+                       config.get("weights_sha256"))
         if name not in zoo.list_models(pretrained=True):
             raise ValueError(f"{name} is not a registered tag and {folder} holds no {CONFIG_FILE} to describe it")
         cfg = timm.models.get_pretrained_cfg(name).to_dict()
@@ -189,38 +254,65 @@ def thesis_rows(name: str, dataset: str) -> tuple[str, list[tuple[str, dict]]]:
     return "", []
 
 
-def _checked(results: dict, path: Path, architecture: str) -> dict:
+def _checked(results: dict, path: Path, info: ModelInfo) -> dict:
+    """``results``, refused unless measured on the model ``info`` describes (architecture, class count, and the
+    weights where their SHA-256 is known) and every number is finite."""
     missing = [key for key in ("protocol", "key", "recognition", "methods") if key not in results]
     if missing:
         raise ValueError(f"{path} is not a zoo-eval results file (no {', '.join(missing)})")
     protocol = results["protocol"]
-    if protocol["model"] != architecture:
-        raise ValueError(f"{path} holds results of {protocol['model']}, not of {architecture}")
+    if protocol["model"] != info.architecture:
+        raise ValueError(f"{path} holds results of {protocol['model']}, not of {info.architecture}")
     if protocol["weights"] is None:
         raise ValueError(f"{path} was measured on a random initialisation, not on trained weights")
+    if protocol["num_classes"] != info.num_classes:
+        raise ValueError(f"{path} was measured with num_classes {protocol['num_classes']}, the checkpoint has "
+                         f"{info.num_classes}: results of another classifier")
+    measured = protocol.get("weights_sha256")
+    if info.weights_sha256 is not None and measured is None:
+        raise ValueError(f"{path} does not record the SHA-256 of the weights it measured (protocol.weights_sha256; "
+                         "written before zoo-eval recorded it): re-run zoo-eval on this checkpoint")
+    if info.weights_sha256 is not None and measured != info.weights_sha256:
+        raise ValueError(f"{path} was measured on other weights (protocol.weights_sha256 {measured}, not the "
+                         f"checkpoint's {info.weights_sha256}): re-run zoo-eval on this checkpoint")
+    for group, values in (("recognition", results["recognition"]), *results["methods"].items()):
+        for metric, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{path} reports {group} {metric} = {value!r}, not a finite number")
     return results
 
 
-def add_results(folder: Path, paths: list[Path], architecture: str) -> None:
-    """Store results files of ``architecture`` (and the ``examples.png`` beside each) in a card folder.
+def _stored_paths(folder: Path, results: dict, path: Path) -> tuple[Path, Path]:
+    """Where a results file and its figure go in a card folder: ``results/<dataset>-<key>.json`` and ``.png``,
+    refused unless the names are safe and stay in ``results/``."""
+    stem = "-".join(safe_name(value, f"{path}: {field}") for field, value in
+                    (("protocol.dataset", results["protocol"]["dataset"]), ("key", results["key"])))
+    return tuple(inside(folder / "results", stem + suffix, f"{path}: stored as") for suffix in (".json", ".png"))
+
+
+def add_results(folder: Path, paths: list[Path], name: str) -> None:
+    """Store results files of checkpoint ``name`` (and the ``examples.png`` beside each) in its card folder, once
+    every one is known to be of the folder's model (``ModelInfo``) and to stay in the folder.
 
     A stored file gains a ``date``, the day its source was written (UTC), unless it has one already.
     """
-    for path in paths:
-        results = _checked(json.loads(Path(path).read_text()), path, architecture)
-        written = datetime.fromtimestamp(Path(path).stat().st_mtime, timezone.utc).date().isoformat()
-        results.setdefault("date", written)
-        target = folder / "results" / f"{results['protocol']['dataset']}-{results['key']}.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
+    info = ModelInfo.of(folder, name)
+    checked = []
+    for path in map(Path, paths):
+        results = _checked(json.loads(path.read_text()), path, info)
+        checked.append((path, results, *_stored_paths(folder, results, path)))
+    if checked:
+        (create_card_folder(folder) / "results").mkdir(exist_ok=True)
+    for path, results, target, figure in checked:
+        results.setdefault("date", datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).date().isoformat())
         target.write_text(json.dumps(results, indent=2) + "\n")
-        figure = Path(path).parent / "examples.png"
-        if figure.is_file():
-            shutil.copyfile(figure, target.with_suffix(".png"))
+        if (path.parent / "examples.png").is_file():
+            shutil.copyfile(path.parent / "examples.png", figure)
 
 
-def read_results(folder: Path, architecture: str) -> list[Stored]:
-    """The results files a card folder holds, in name order."""
-    return [Stored(str(path.relative_to(folder)), _checked(json.loads(path.read_text()), path, architecture))
+def read_results(folder: Path, info: ModelInfo) -> list[Stored]:
+    """The results files a card folder holds, in name order, each checked against the folder's model."""
+    return [Stored(str(path.relative_to(folder)), _checked(json.loads(path.read_text()), path, info))
             for path in sorted((folder / "results").glob("*.json"))]
 
 
@@ -378,7 +470,7 @@ def write_card(folder: Path, name: str, repo_id: str | None = None, base_model: 
         existing = ModelCard.load(folder / "README.md")
     info = ModelInfo.of(folder, name)
     model = info.meta_model()
-    stored = read_results(folder, info.architecture)
+    stored = read_results(folder, info)
     base_model = base_model or declared_base_model(name)
     datasets = [item.results["protocol"]["dataset"] for item in stored] or [_tag_dataset(name)]
     entries = eval_results(stored)
@@ -391,8 +483,7 @@ def write_card(folder: Path, name: str, repo_id: str | None = None, base_model: 
     )
     body = card_body(name, info, model, stored, repo_id or hub_id(name), base_model)
     card = ModelCard(f"---\n{_merged(data, existing).to_yaml()}\n---\n\n{body}")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "README.md").write_text(str(card))
+    (create_card_folder(folder) / "README.md").write_text(str(card))
     return card
 
 
@@ -400,9 +491,10 @@ def regenerate(root: Path = CARDS_DIR) -> list[Path]:
     """Rewrite every card under ``root``: one per registered tag (``no results yet`` where there are none) and
     one per other folder there. Returns the card folders."""
     names = set(zoo.list_models(pretrained=True)) | {p.name for p in root.glob("*") if p.is_dir()}
-    for name in sorted(names):
-        write_card(root / name, name)
-    return [root / name for name in sorted(names)]
+    folders = [inside(root, name, "card name") for name in sorted(names)]
+    for folder in folders:
+        write_card(folder, folder.name)
+    return folders
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -413,15 +505,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--all", action="store_true", help="regenerate every card")
     parser.add_argument("--root", type=Path, default=CARDS_DIR, help="the cards' folder (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.all == bool(args.name):
+    if args.all == (args.name is not None):
         parser.error("give a checkpoint name or --all")
     if args.all:
         if args.results:
             parser.error("--results goes with a checkpoint name")
         print(f"regenerated {len(regenerate(args.root))} cards in {args.root}")
         return
-    folder = args.root / args.name
-    add_results(folder, args.results, ModelInfo.of(folder, args.name).architecture)
+    folder = inside(args.root, args.name, "card name")
+    add_results(folder, args.results, args.name)
     write_card(folder, args.name)
     print(f"card in {folder / 'README.md'}")
 

@@ -12,10 +12,17 @@ needed and uploads the folder in one commit, which also removes earlier results 
 weights from the repository. The token is huggingface_hub's own (``HF_TOKEN`` or ``hf auth login``); this
 command never reads, prints or writes it. ``--dry-run`` builds the folder only.
 
-The card's metrics are exactly those of the results given, taken as measured on these weights (a results
-file records the weights' path or Hub id, not their hash). Everything else on an existing card (the Hub's, or
-the output folder's) stays: front-matter keys the generator does not write, extra tags, ``base_model``. An
-output folder that is not empty is replaced only with ``--overwrite``.
+The card's metrics are exactly those of the results given, each refused unless measured on these very weights:
+the SHA-256 of the safetensors file ``zoo-eval`` evaluated (``protocol.weights_sha256``; results from before it
+recorded one must be measured again) is that of ``model.safetensors``, the class count (``protocol.num_classes``)
+is the checkpoint's, and every number is finite. Everything else on an existing card (the Hub's, or the output
+folder's) stays: front-matter keys the generator does not write, extra tags, ``base_model``.
+
+The repository's organisation and name follow the Hub's rules (letters, digits, ``-``, ``_``, ``.``; checked by
+huggingface_hub) before anything is written. A folder is only ever replaced when it is empty or was created by
+this command or ``zoo-card`` (it holds their marker ``.zoo-card``, which is not uploaded), never the working
+directory or one above it: an output folder that is not empty with ``--overwrite`` only, ``CARDS/<name>``
+always.
 """
 
 import argparse
@@ -29,7 +36,7 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from zoo.hub import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, CheckpointError, hub_id, sha256, verify_checkpoint
 
-from .model_card import add_results, write_card
+from .model_card import CARD_MARKER, add_results, check_replaceable, create_card_folder, inside, safe_name, write_card
 
 __all__ = ["build_hub_folder", "main"]
 
@@ -51,13 +58,21 @@ def build_hub_folder(model_dir: Path, out: Path, name: str, results: list[Path],
                      base_model: str | None = None, existing: ModelCard | None = None) -> ModelCard:
     """Write the Hub folder of checkpoint ``name`` into ``out`` (which must not exist); returns its card."""
     config = verify_checkpoint(model_dir)
-    out.mkdir(parents=True)
+    create_card_folder(out, exist_ok=False)
     shutil.copyfile(model_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(hub_config(config, out / WEIGHTS_FILE), indent=2) + "\n")
-    add_results(out, results, config["architecture"])
+    add_results(out, results, name)
     card = write_card(out, name, repo_id=repo_id, base_model=base_model, existing=existing)
     verify_checkpoint(out)
     return card
+
+
+def _remove(folder: Path, option: str) -> None:
+    """Delete ``folder``, if any, to put a new one there; ``check_replaceable`` is asked again, as uploading may have
+    taken minutes."""
+    check_replaceable(folder, option)
+    if folder.exists():
+        shutil.rmtree(folder)
 
 
 def _hub_card(api: HfApi, repo_id: str) -> ModelCard | None:
@@ -86,12 +101,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run and args.out is None:
         parser.error("--dry-run needs --out")
     repo_id = args.repo if "/" in args.repo else hub_id(args.repo)
-    name = repo_id.split("/")[-1]
+    organisation, _, name = repo_id.partition("/")
+    safe_name(organisation, "repository organisation")
+    safe_name(name, "repository name")
     if args.cards is not None and repo_id != hub_id(name):
         parser.error(f"--cards keeps cards of {hub_id('<name>')} only: a kept card names its repository so")
+    kept = None if args.cards is None else inside(args.cards, name, "repository name")
     out = args.out
+    for folder, option in ((kept, "--cards"), (out, "--out")):
+        if folder is not None:
+            check_replaceable(folder, option)
     if out is not None and out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} is not empty: --overwrite replaces it (keeping its card's metadata)")
+        raise FileExistsError(f"--out {out} is not empty: --overwrite replaces it (keeping its card's metadata)")
 
     api = None if args.dry_run else HfApi()
     if api is not None:
@@ -106,14 +127,15 @@ def main(argv: list[str] | None = None) -> None:
         build_hub_folder(args.model_dir, built, name, args.results, repo_id, args.base_model, existing)
         if api is not None:
             commit = api.upload_folder(repo_id=repo_id, folder_path=built, commit_message=f"Publish {name}",
+                                       ignore_patterns=[CARD_MARKER],
                                        delete_patterns=["results/*", *(f"*{suffix}" for suffix in PICKLE_SUFFIXES)])
             print(f"published {commit.commit_url}")
-        if args.cards is not None:
-            shutil.rmtree(args.cards / name, ignore_errors=True)
-            shutil.copytree(built, args.cards / name, ignore=shutil.ignore_patterns(WEIGHTS_FILE))
-            print(f"card kept in {args.cards / name}")
+        if kept is not None:
+            _remove(kept, "--cards")
+            shutil.copytree(built, kept, ignore=shutil.ignore_patterns(WEIGHTS_FILE))
+            print(f"card kept in {kept}")
         if out is not None:
-            shutil.rmtree(out, ignore_errors=True)
+            _remove(out, "--out")
             built.rename(out)
             print(f"Hub folder in {out}")
 

@@ -19,14 +19,16 @@ LOCALISATION = ("OM", "LE", "F1", "BA", "SP", "EP", "SM")
 
 
 def write_results(folder: Path, model: str = "resnet18_castream", dataset: str = "cub", weights: str = "runs/x/model",
-                  methods=("gradcam", "attention"), metrics=FAITHFULNESS, limit: int | None = None) -> Path:
+                  weights_sha256: str | None = None, num_classes: int = 3, methods=("gradcam", "attention"),
+                  metrics=FAITHFULNESS, limit: int | None = None) -> Path:
     """A zoo-eval run folder (results.json in the harness' format, examples.png) with random numbers."""
-    protocol = Protocol(model=model, weights=weights, num_classes=3, dataset=dataset, data_root="/data", split="test",
-                        limit=limit, methods=list(methods),
+    protocol = Protocol(model=model, weights=weights, num_classes=num_classes, dataset=dataset, data_root="/data",
+                        split="test", limit=limit, methods=list(methods),
                         data_config=dict(input_size=(3, 64, 64), interpolation="bilinear", crop_pct=0.875,
                                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
     rng = random.Random(protocol.key())
-    results = dict(protocol=asdict(protocol), key=protocol.key(), versions={"interpretable-zoo": "0.1.0"}, images=5,
+    results = dict(protocol={**asdict(protocol), "weights_sha256": weights_sha256}, key=protocol.key(),
+                   versions={"interpretable-zoo": "0.1.0"}, images=5,
                    explanations=5, recognition={"top1": rng.uniform(0, 100)},
                    methods={m: {**{k: rng.uniform(0, 100) for k in metrics}, "seconds_per_image": 0.1}
                             for m in methods})
@@ -57,8 +59,9 @@ def assert_model_index_is_the_results(folder: Path) -> int:
 
 
 def test_card_reports_every_measured_number_beside_the_thesis_figures(tmp_path):
-    imagenet = write_results(tmp_path / "runs", dataset="imagenet-folder", methods=("gradcam", "scorecam"))
-    cub = write_results(tmp_path / "runs", metrics=FAITHFULNESS + ("ADCC",) + LOCALISATION)
+    imagenet = write_results(tmp_path / "runs", dataset="imagenet-folder", num_classes=1000,
+                             methods=("gradcam", "scorecam"))
+    cub = write_results(tmp_path / "runs", num_classes=1000, metrics=FAITHFULNESS + ("ADCC",) + LOCALISATION)
     main(["resnet18_castream.in1k", "--results", str(imagenet), str(cub), "--root", str(tmp_path / "cards")])
     folder = tmp_path / "cards" / "resnet18_castream.in1k"
     assert assert_model_index_is_the_results(folder) == 1 + 2 * 5 + 1 + 2 * 13
@@ -92,8 +95,8 @@ def test_cards_without_results_say_so_and_report_no_number(tmp_path):
 
 
 def test_regenerating_gives_the_same_cards_and_keeps_hand_added_metadata(tmp_path):
-    main(["resnet50_castream.in1k", "--results", str(write_results(tmp_path / "runs", model="resnet50_castream")),
-          "--root", str(tmp_path / "cards")])
+    results = write_results(tmp_path / "runs", model="resnet50_castream", num_classes=1000)
+    main(["resnet50_castream.in1k", "--results", str(results), "--root", str(tmp_path / "cards")])
     regenerate(tmp_path / "cards")
     first = {p: p.read_bytes() for p in (tmp_path / "cards").rglob("*") if p.is_file()}
     regenerate(tmp_path / "cards")
@@ -124,7 +127,8 @@ def test_the_repository_cards_are_regenerated(tmp_path):
 ])
 def test_results_of_another_model_or_of_no_weights_are_refused(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
-        main(["resnet18_castream.in1k", "--results", str(write_results(tmp_path, **change)), "--root", str(tmp_path)])
+        main(["resnet18_castream.in1k", "--results", str(write_results(tmp_path, num_classes=1000, **change)),
+              "--root", str(tmp_path)])
 
 
 def test_citations_have_one_source():

@@ -15,20 +15,30 @@ from timm.models import save_for_hf
 import evaluation.publish
 from evaluation.model_card import regenerate
 from evaluation.publish import main
-from zoo.hub import CheckpointError, add_to_hf_cache, load_model
+from zoo.hub import CheckpointError, add_to_hf_cache, load_model, sha256
 
 X = torch.randn(2, 3, 64, 64)
 SMALL = dict(backbone="resnet10t")  # a small CA-Stream, random-initialised
 REPO = "someone/resnet18_castream.cub"
 
 
+def save_checkpoint(folder):
+    """A trained model's folder, as a training run writes it (random weights)."""
+    model = timm.create_model("resnet18_castream", num_classes=3, **SMALL).eval()
+    save_for_hf(model, folder, safe_serialization=True, model_args=SMALL,
+                model_config=dict(label_names=["albatross", "gull", "tern"], num_classes=3))
+    return folder
+
+
 @pytest.fixture
 def model_dir(tmp_path):
-    """A trained model's folder, as a training run writes it."""
-    model = timm.create_model("resnet18_castream", num_classes=3, **SMALL).eval()
-    save_for_hf(model, tmp_path / "model", safe_serialization=True, model_args=SMALL,
-                model_config=dict(label_names=["albatross", "gull", "tern"], num_classes=3))
-    return tmp_path / "model"
+    return save_checkpoint(tmp_path / "model")
+
+
+def results_of(model_dir, runs, **changes):
+    """A zoo-eval results file of the checkpoint in ``model_dir``, recording its weights' SHA-256."""
+    return write_results(runs, weights=str(model_dir), weights_sha256=sha256(model_dir / "model.safetensors"),
+                         **changes)
 
 
 def publish(model_dir, out, *results, extra=()):
@@ -43,11 +53,11 @@ def assert_same_outputs(a, b):
 
 
 def test_published_folder_loads_back_offline_as_saved(tmp_path, model_dir):
-    results = write_results(tmp_path / "runs", weights=str(model_dir))
+    results = results_of(model_dir, tmp_path / "runs")
     out = publish(model_dir, tmp_path / "hub", results)
     stem = f"results/cub-{json.loads(results.read_text())['key']}"
     assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == {
-        "README.md", "config.json", "model.safetensors", f"{stem}.json", f"{stem}.png"}  # safetensors only
+        "README.md", "config.json", "model.safetensors", ".zoo-card", f"{stem}.json", f"{stem}.png"}  # safetensors only
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "resnet18_castream" and config["num_classes"] == 3
     assert config["label_names"] == ["albatross", "gull", "tern"] and config["model_args"]["backbone"] == "resnet10t"
@@ -62,13 +72,13 @@ def test_published_folder_loads_back_offline_as_saved(tmp_path, model_dir):
 
 
 def test_republishing_updates_the_metrics_and_keeps_the_other_metadata(tmp_path, model_dir):
-    out = publish(model_dir, tmp_path / "hub", write_results(tmp_path / "runs", weights=str(model_dir)),
+    out = publish(model_dir, tmp_path / "hub", results_of(model_dir, tmp_path / "runs"),
                   extra=["--base-model", "timm/resnet10t.c3_in1k"])
     card = ModelCard.load(out / "README.md")
     card.data.tags.append("birds")  # edited by hand, or on the Hub
     card.data.widget = [{"src": "albatross.jpg"}]
     card.save(out / "README.md")
-    new = write_results(tmp_path / "runs", weights=str(model_dir), limit=4)
+    new = results_of(model_dir, tmp_path / "runs", limit=4)
     with pytest.raises(FileExistsError, match="--overwrite"):
         publish(model_dir, out, new)
     publish(model_dir, out, new, extra=["--overwrite"])
@@ -80,7 +90,7 @@ def test_republishing_updates_the_metrics_and_keeps_the_other_metadata(tmp_path,
 
 
 def test_kept_card_regenerates_as_published(tmp_path, model_dir):
-    results = write_results(tmp_path / "runs", weights=str(model_dir))
+    results = results_of(model_dir, tmp_path / "runs")
     main([str(model_dir), "resnet18_castream.cub", "--results", str(results), "--out", str(tmp_path / "hub"),
           "--dry-run", "--cards", str(tmp_path / "cards")])
     kept = tmp_path / "cards" / "resnet18_castream.cub"
@@ -109,8 +119,9 @@ class FakeHub:
             raise EntryNotFoundError(f"{filename} not in {repo_id}")
         return str(self.card_path)
 
-    def upload_folder(self, repo_id, folder_path, commit_message, delete_patterns):
-        files = {str(p.relative_to(folder_path)): p.read_bytes() for p in folder_path.rglob("*") if p.is_file()}
+    def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns, delete_patterns):
+        files = {str(p.relative_to(folder_path)): p.read_bytes() for p in folder_path.rglob("*") if p.is_file()
+                 and not any(p.match(pattern) for pattern in ignore_patterns)}
         self.calls.append(("upload_folder", repo_id, files, delete_patterns))
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
@@ -122,11 +133,11 @@ def test_upload_is_one_commit_and_never_holds_the_token(tmp_path, model_dir, mon
     on_hub.write_text("---\nlicense: apache-2.0\nlanguage: en\n---\nold card\n")
     monkeypatch.setattr(FakeHub, "calls", [])
     monkeypatch.setattr(evaluation.publish, "HfApi", lambda: FakeHub(on_hub))
-    main([str(model_dir), REPO, "--results", str(write_results(tmp_path / "runs", weights=str(model_dir)))])
+    main([str(model_dir), REPO, "--results", str(results_of(model_dir, tmp_path / "runs"))])
     (create, upload) = FakeHub.calls
     assert create == ("create_repo", REPO, True) and upload[0] == "upload_folder"
     files = upload[2]
-    assert {"README.md", "config.json", "model.safetensors"} <= set(files)
+    assert {"README.md", "config.json", "model.safetensors"} <= set(files) and ".zoo-card" not in files
     assert not [name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
     assert "results/*" in upload[3] and "*.bin" in upload[3]  # stale results and pickles leave in the same commit
     assert all(token.encode() not in content for content in files.values())

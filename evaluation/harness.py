@@ -5,17 +5,19 @@
 One protocol, recorded in full with the results: the model and its weights, the dataset and split,
 preprocessing, the saliency methods and their options, which class is explained (ground truth by
 default, the prediction with ``--targets predicted``), the insertion/deletion preset. A run lives in
-``<out>/<protocol hash>/``: every batch's per-image results are cached there, so an interrupted run
-continues where it stopped, a different protocol never touches another's results, and several
-processes (``accelerate launch -m evaluation.harness ...``) share the batches. When all batches are
-done it writes ``results.json``, ``results.md`` (the thesis' table layout) and ``examples.png``.
+``<out>/<protocol hash>/`` (the weights hashed by their content): every batch's per-image results are
+cached there, so an interrupted run continues where it stopped (a damaged cached batch is named and
+computed again), a different protocol never touches another's results, and several processes
+(``accelerate launch -m evaluation.harness ...``) share the batches. When all batches are done it writes
+``results.json``, ``results.md`` (the thesis' table layout) and ``examples.png``. Bad input (a flag, a
+method's option, an empty split) is refused before anything is written.
 """
 
 import argparse
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from timm.data import resolve_data_config  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -33,7 +36,7 @@ from tqdm import tqdm  # noqa: E402
 import zoo  # noqa: E402, F401  (registers the zoo's models)
 from zoo.data import DATASETS, build_dataset, collate  # noqa: E402
 from zoo.data.transforms import eval_transform  # noqa: E402
-from zoo.hub import load_model  # noqa: E402
+from zoo.hub import load_model, sha256, weights_file  # noqa: E402
 
 from .metrics import (  # noqa: E402
     DEFAULT_PROTOCOL,
@@ -58,7 +61,7 @@ from .metrics import (  # noqa: E402
     target_probabilities,
     top_k_accuracy,
 )
-from .saliency import METHODS, explain, mask_images, pixel_statistics  # noqa: E402
+from .saliency import METHODS, check_options, explain, mask_images, pixel_statistics  # noqa: E402
 from .saliency.core import logits_of  # noqa: E402
 
 BOX_BASELINES = ("box", "box_complement")  # thesis Table 2.5: the ground truth itself as a saliency map
@@ -89,9 +92,15 @@ class Protocol:
     seed: int = 0  # of a random initialisation, so that every process and every resumed run has the same model
     dataset_options: dict = field(default_factory=dict)  # passed to the dataset reader (e.g. a canvas's size)
     model_args: dict = field(default_factory=dict)  # passed to timm.create_model (e.g. a narrower backbone)
+    weights_sha256: str | None = None  # of the safetensors file the weights resolve to; ``run`` fills it in
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """The run's name: a hash of every field, with the weights' content (``weights_sha256``) where known in
+        place of their path, so new weights at the same path are a new run."""
+        fields = asdict(self)
+        if self.weights_sha256 is not None:
+            del fields["weights"]
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def explained_classes(labels: torch.Tensor, logits: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,35 +117,52 @@ def explained_classes(labels: torch.Tensor, logits: torch.Tensor, mode: str) -> 
 def box_maps(boxes: list[torch.Tensor], box_labels: list[torch.Tensor], rows: torch.Tensor, classes: torch.Tensor,
              size: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The ground-truth boxes of each explanation (those of its class where the dataset labels boxes by
-    class, all the image's boxes otherwise) and their union as a binary map [n, H, W]."""
+    class, all the image's boxes otherwise), less those the crop emptied, and their union as a binary map
+    [n, H, W]."""
     picked, maps = [], torch.zeros(len(rows), *size)
     ys, xs = torch.arange(size[0])[:, None] + 0.5, torch.arange(size[1])[None] + 0.5
     for i, (row, cls) in enumerate(zip(rows.tolist(), classes.tolist(), strict=True)):
         image_boxes = boxes[row].as_subclass(torch.Tensor).float()
         same_class = box_labels[row] == cls
         chosen = image_boxes[same_class] if same_class.any() else image_boxes
+        chosen = chosen[(chosen[:, 2] > chosen[:, 0]) & (chosen[:, 3] > chosen[:, 1])]
         for x0, y0, x1, y1 in chosen.tolist():
             maps[i] = torch.maximum(maps[i], ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).float())
         picked.append(chosen)
     return maps, picked
 
 
-def evaluate_batch(model, images: torch.Tensor, target: dict, protocol: Protocol, metrics: set[str],
-                   keep_examples: bool) -> dict[str, torch.Tensor]:
-    """Per-image results of one batch for every method: ``image/...`` per image, ``row/...`` per
-    explanation, ``time/<method>`` seconds, ``example/...`` maps of the first images (batch 0 only)."""
+def _check_finite(values: torch.Tensor, index: torch.Tensor, protocol: Protocol, problem: str) -> None:
+    """Refuse non-finite ``values`` (one row per image), naming the images in ``problem``'s ``{images}``."""
+    finite = values.flatten(1).isfinite().all(1).cpu()
+    if not finite.all():
+        images = ", ".join(map(str, index[~finite].tolist()))
+        raise ValueError(problem.format(images=f"images {images} of {protocol.dataset} ({protocol.split})"))
+
+
+def evaluate_batch(model, images: torch.Tensor, target: dict, index: torch.Tensor, protocol: Protocol,
+                   metrics: set[str], keep_examples: bool) -> dict[str, torch.Tensor]:
+    """Per-image results of one batch (the dataset's images ``index``) for every method: ``image/...`` per
+    image, ``row/...`` per explanation, ``time/<method>`` seconds, ``example/...`` maps of the first images
+    (batch 0 only). Non-finite images or model outputs are refused, naming the images."""
+    _check_finite(images, index, protocol, "{images} are not finite after preprocessing (NaN or Inf pixels): "
+                                           "check the data config's mean and std")
     mean, std = pixel_statistics(model, images)
     with torch.no_grad():
         logits = logits_of(model(images))
+    _check_finite(logits, index, protocol, f"outputs of {protocol.model} are not finite (NaN or Inf) for {{images}}")
     labels = target["label"].to(images.device)
     rows, classes = explained_classes(labels, logits, protocol.targets)
     explained = images[rows]
-    record = {"image/logits": logits, "image/labels": labels, "row/rows": rows, "row/classes": classes,
-              "row/p": target_probabilities(logits[rows], classes)}
+    record = {"image/index": index, "image/logits": logits, "image/labels": labels, "row/rows": rows,
+              "row/classes": classes, "row/p": target_probabilities(logits[rows], classes)}
     boxes = None
     if "localisation" in metrics or set(protocol.methods) & set(BOX_BASELINES):
         truth, boxes = box_maps(target["boxes"], target["box_labels"], rows.cpu(), classes.cpu(), images.shape[-2:])
         truth = truth.to(images.device)
+        localised = truth.flatten(1).any(1)  # a box left inside the crop
+    if "localisation" in metrics:
+        record["row/localised"] = localised
     if keep_examples:
         record["example/images"] = (explained[:EXAMPLES] * std + mean).clamp(0, 1)
     for method in protocol.methods:
@@ -157,21 +183,26 @@ def evaluate_batch(model, images: torch.Tensor, target: dict, protocol: Protocol
             drop = relative_drop(record["row/p"], record[f"row/{method}/o"])
             record[f"row/{method}/adcc"] = adcc(drop, coherency(maps, again), complexity(maps))
         if "localisation" in metrics:
-            record.update(localisation(maps, boxes, logits.argmax(1)[rows], labels[rows], record["row/p"],
+            record.update(localisation(maps, boxes, localised, logits.argmax(1)[rows], labels[rows], record["row/p"],
                                        prefix=f"row/{method}/"))
         if keep_examples:
             record[f"example/{method}"] = maps[:EXAMPLES]
     return {key: value.detach().cpu().clone(memory_format=torch.contiguous_format) for key, value in record.items()}
 
 
-def localisation(maps, boxes, predictions, labels, p, prefix: str) -> dict[str, torch.Tensor]:
-    """Per-explanation localisation values (thesis Table 2.6); OM only for single-label datasets."""
+def localisation(maps, boxes, localised, predictions, labels, p, prefix: str) -> dict[str, torch.Tensor]:
+    """Per-explanation localisation values (thesis Table 2.6); OM only for single-label datasets. An
+    explanation without a box inside the crop (``localised`` False) gets NaN: it takes no part in them (it is
+    measured against the whole image, so that every value keeps one row per explanation, then left out)."""
+    whole = maps.new_tensor([[0, 0, maps.shape[2], maps.shape[1]]])
+    boxes = [box if keep else whole for box, keep in zip(boxes, localised.tolist(), strict=True)]
     values = {"LE": localisation_error(maps, boxes), "F1": pixel_f1(maps, boxes), "SP": pointing_game(maps, boxes),
               "EP": energy_pointing_game(maps, boxes), "SM": saliency_metric(maps, p),
               "BA": box_accuracy(maps, boxes)}
     if labels.ndim == 1:
         values["OM"] = official_metric(maps, boxes, predictions, labels)
-    return {prefix + name: value for name, value in values.items()}
+    return {prefix + name: torch.where(localised.view(-1, *[1] * (value.ndim - 1)), value, torch.nan)
+            for name, value in values.items()}
 
 
 def _concatenated(records: list[dict], prefix: str) -> dict[str, torch.Tensor]:
@@ -180,8 +211,11 @@ def _concatenated(records: list[dict], prefix: str) -> dict[str, torch.Tensor]:
 
 
 def summarise(records: list[dict], protocol: Protocol) -> dict:
-    """Dataset-level results from the per-batch records: the means the thesis' tables print."""
+    """Dataset-level results from the per-batch records: the means the thesis' tables print. Localisation
+    metrics leave out the explanations without a box inside the crop: ``excluded_from_localisation`` counts
+    them and names their images."""
     images, rows = _concatenated(records, "image/"), _concatenated(records, "row/")
+    localised = rows.get("localised")
     logits, labels = images["logits"], images["labels"]
     if labels.ndim == 2:
         recognition = {"mAP": mean_average_precision(logits, labels).item()}
@@ -197,14 +231,18 @@ def summarise(records: list[dict], protocol: Protocol) -> dict:
         for name, key in (("I", "insertion"), ("D", "deletion"), ("ADCC", "adcc")):
             if f"{method}/{key}" in rows:
                 result[name] = 100 * rows[f"{method}/{key}"].mean()
-        for name in ("OM", "LE", "F1", "SP", "EP", "SM"):
-            if f"{method}/{name}" in rows:
-                result[name] = rows[f"{method}/{name}"].mean()
-        if f"{method}/BA" in rows:
-            result["BA"] = max_box_accuracy(rows[f"{method}/BA"])
+        for name in ("OM", "LE", "F1", "SP", "EP", "SM", "BA"):
+            if f"{method}/{name}" in rows and localised.any():
+                values = rows[f"{method}/{name}"][localised]
+                result[name] = max_box_accuracy(values) if name == "BA" else values.mean()
         result["seconds_per_image"] = sum(record[f"time/{method}"] for record in records) / len(labels)
         methods[method] = {name: float(value) for name, value in result.items()}
-    return {"images": len(labels), "explanations": len(rows["p"]), "recognition": recognition, "methods": methods}
+    summary = {"images": len(labels), "explanations": len(rows["p"]), "recognition": recognition, "methods": methods}
+    if localised is not None:
+        excluded = {i for record in records
+                    for i in record["image/index"][record["row/rows"]][~record["row/localised"]].tolist()}
+        summary["excluded_from_localisation"] = {"explanations": int((~localised).sum()), "images": sorted(excluded)}
+    return summary
 
 
 COLUMNS = {  # the thesis' table columns: name, better when (lower/higher), heading
@@ -280,6 +318,11 @@ def markdown(summary: dict, protocol: Protocol) -> str:
         for method, result in summary["methods"].items():
             cells = [f"{result[name]:.2f}" if name in result else "-" for name, _ in present]
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {result['seconds_per_image']:.3f} |")
+    excluded = summary.get("excluded_from_localisation", {}).get("images")
+    if excluded:
+        lines += ["", f"{summary['excluded_from_localisation']['explanations']} of {summary['explanations']} "
+                      "explanations have no ground-truth box inside the crop and are left out of the localisation "
+                      f"metrics (images {', '.join(map(str, excluded))} of the split)."]
     return "\n".join(lines) + "\n"
 
 
@@ -304,9 +347,54 @@ def examples_figure(record: dict, methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def check_run(protocol: Protocol, dataset, workers: int) -> None:
+    """Refuse, before anything is written, what would fail later: a limit or batch size below 1, negative
+    workers, an empty split, an unknown method, a method option outside its limits."""
+    for name, value, low in (("limit", protocol.limit, 1), ("batch_size", protocol.batch_size, 1),
+                             ("workers", workers, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    if len(dataset) == 0:
+        raise ValueError(f"{protocol.dataset} has no image in its {protocol.split} split at {protocol.data_root}")
+    for method in dict.fromkeys([*protocol.methods, *protocol.method_options]):
+        if method not in BOX_BASELINES or method in protocol.method_options:
+            check_options(method, protocol.method_options.get(method, {}))
+
+
+def cached(path: Path, indices: list[int], protocol: Protocol) -> bool:
+    """Whether ``path`` holds the finished batch of the images ``indices``: complete safetensors with every
+    method's results for those images (and, in the first batch, the examples). A damaged file is named in a
+    one-line notice (it will be computed again)."""
+    if not path.exists():
+        return False
+    try:
+        record = load_file(path)
+    except (SafetensorError, OSError) as error:
+        damage = f"not complete safetensors: {' '.join(str(error).split())}"
+    else:
+        needed = ["image/index", "image/logits", "image/labels", "row/rows", "row/classes", "row/p",
+                  *(key for method in protocol.methods for key in (f"time/{method}", f"row/{method}/o")),
+                  *(["example/images", *(f"example/{method}" for method in protocol.methods)] if indices[0] == 0
+                    else [])]
+        missing = [key for key in needed if key not in record]
+        if missing:
+            damage = f"without {', '.join(missing)}"
+        elif record["image/index"].tolist() != indices:
+            damage = f"holds images {record['image/index'].tolist()}, not {indices}"
+        else:
+            damage = None
+    if damage:
+        print(f"{path} is damaged ({damage}): computing it again")
+    return damage is None
+
+
 def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, workers: int = 0) -> Path:
     """Evaluate every batch of ``dataset`` not cached yet (this process's share), then, on the main process,
-    write the results. Returns the run's folder."""
+    write the results. Returns the run's folder. Bad input is refused first (``check_run``); the protocol's
+    ``weights_sha256`` is filled in where None, before the run's folder is named."""
+    check_run(protocol, dataset, workers)
+    if protocol.weights_sha256 is None and protocol.weights is not None:
+        protocol = replace(protocol, weights_sha256=sha256(weights_file(protocol.model, protocol.weights)))
     run_dir, main = out / protocol.key(), accelerator.is_main_process
     batches_dir = run_dir / "batches"
     if main:
@@ -324,13 +412,12 @@ def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, worker
     batches = [list(range(start, min(start + protocol.batch_size, count)))
                for start in range(0, count, protocol.batch_size)]
     todo = [k for k in range(accelerator.process_index, len(batches), accelerator.num_processes)
-            if not (batches_dir / f"{k:06d}.safetensors").exists()]
+            if not cached(batches_dir / f"{k:06d}.safetensors", batches[k], protocol)]
     loader = DataLoader(dataset, batch_sampler=[batches[k] for k in todo], collate_fn=collate, num_workers=workers)
     for k, (images, target) in zip(todo, tqdm(loader, desc=f"{protocol.model} batches", disable=not main),
                                    strict=True):
-        record = evaluate_batch(model, images.to(accelerator.device), target, protocol, set(protocol.metrics),
-                                keep_examples=k == 0)
-        record["image/index"] = torch.tensor(batches[k])
+        record = evaluate_batch(model, images.to(accelerator.device), target, torch.tensor(batches[k]), protocol,
+                                set(protocol.metrics), keep_examples=k == 0)
         partial = batches_dir / f"{k:06d}.partial"  # an interrupted write never looks like a finished batch
         save_file(record, partial)
         partial.replace(batches_dir / f"{k:06d}.safetensors")
@@ -362,6 +449,16 @@ def _option(text: str) -> tuple[str, str, object]:
         return method, key, value
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    return integer
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="zoo-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -378,10 +475,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", choices=("ground-truth", "predicted"), default="ground-truth")
     parser.add_argument("--curves", choices=sorted(PROTOCOLS), default=DEFAULT_PROTOCOL,
                         help="insertion/deletion preset (default: %(default)s)")
-    parser.add_argument("--limit", type=int, help="only the first N images")
-    parser.add_argument("--img-size", type=int, help="default: the model's")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--limit", type=_at_least(1), help="only the first N images")
+    parser.add_argument("--img-size", type=_at_least(1), help="default: the model's")
+    parser.add_argument("--batch-size", type=_at_least(1), default=16)
+    parser.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes")
     parser.add_argument("--out", type=Path, default=Path("results/eval"))
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")
     args = parser.parse_args(argv)
@@ -413,6 +510,10 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size, data_config={k: config[k] for k in ("input_size", "interpolation", "crop_pct",
                                                                         "mean", "std")},
     )
+    try:
+        check_run(protocol, dataset, args.workers)
+    except ValueError as error:
+        parser.error(str(error))
     if accelerator.is_main_process and "localisation" in args.metrics and not has_boxes:
         print(f"{args.dataset} has no ground-truth boxes: localisation metrics are not computed")
     run_dir = run(protocol, dataset, args.out, accelerator, args.workers)

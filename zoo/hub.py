@@ -23,7 +23,8 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 
 __all__ = ["CONFIG_FILE", "HUB_ORG", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "CheckpointError", "add_to_hf_cache",
-           "hub_checkpoint", "hub_id", "load_model", "read_config", "sha256", "verify_checkpoint"]
+           "hub_checkpoint", "hub_id", "load_model", "read_config", "sha256", "verify_checkpoint",
+           "weights_file"]
 
 HUB_ORG = os.environ.get("ZOO_HUB_ORG", "interpretable-zoo")
 WEIGHTS_FILE = "model.safetensors"
@@ -161,13 +162,45 @@ def hub_checkpoint(repo_id: str) -> Path:
     return folder
 
 
+def weights_file(name: str, weights: str) -> Path:
+    """The safetensors file that ``weights`` names for model ``name``, checked: a ``.safetensors`` file (complete), a
+    folder holding ``model.safetensors`` or an ``org/name`` Hub repository (``verify_checkpoint``), or
+    ``default``: the file of the architecture's own tag (its ``file``, or its Hub repository's ``model.safetensors``
+    in the cache, downloaded if need be)."""
+    if weights == "default":
+        cfg = timm.models.resolve_pretrained_cfg(name)
+        if cfg.file:
+            return Path(cfg.file)
+        if not cfg.hf_hub_id:
+            raise ValueError(f"the default weights of {name} are neither a file nor on the Hugging Face Hub")
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        try:
+            return Path(hf_hub_download(repo, WEIGHTS_FILE, revision=revision or None))
+        except (EntryNotFoundError, RepositoryNotFoundError) as error:
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} for the default weights of {name} at hf-hub:{cfg.hf_hub_id} "
+                                    f"(not in the local cache, not downloadable: {error})") from None
+    path = Path(weights)
+    if path.is_dir():
+        verify_checkpoint(path)
+        return path / WEIGHTS_FILE
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {path} not found")
+        _tensor_shapes(path, None)
+        return path
+    if "/" in weights and not path.exists():
+        return hub_checkpoint(weights) / WEIGHTS_FILE
+    raise ValueError("weights must be a .safetensors file, a folder with model.safetensors, an org/name "
+                     f"Hub id or 'default', got {weights!r}")
+
+
 def load_model(name: str, weights: str | None, num_classes: int, new_classifier: bool = False,
                **kwargs) -> torch.nn.Module:
     """A registered model for ``num_classes``, random-initialised (``weights=None``) or loaded from weights.
 
     ``weights``: a ``.safetensors`` file, a folder holding ``model.safetensors`` (a saved Hub folder or a
     training run's ``model/``), an ``org/name`` Hub repository, or ``default`` (the architecture's own tag).
-    Folders and Hub repositories are checked by ``verify_checkpoint`` first, files for completeness.
+    Checked first as ``weights_file`` describes.
     The checkpoint's classifier is kept, so it must have ``num_classes`` outputs, unless ``new_classifier``
     (fine-tuning on another label set: timm leaves the classifier at its initialisation). ``kwargs`` go to
     ``timm.create_model``.
@@ -175,21 +208,8 @@ def load_model(name: str, weights: str | None, num_classes: int, new_classifier:
     if weights is None:
         return timm.create_model(name, num_classes=num_classes, **kwargs)
     overlay = {} if new_classifier else dict(num_classes=num_classes)
-    if weights != "default":
-        path = Path(weights)
-        if path.is_dir():
-            verify_checkpoint(path)
-            path = path / WEIGHTS_FILE
-        elif path.suffix == ".safetensors":
-            if not path.is_file():
-                raise FileNotFoundError(f"weights file {path} not found")
-            _tensor_shapes(path, None)
-        elif "/" in weights and not path.exists():
-            path = hub_checkpoint(weights) / WEIGHTS_FILE
-        else:
-            raise ValueError("weights must be a .safetensors file, a folder with model.safetensors, an org/name "
-                             f"Hub id or 'default', got {weights!r}")
-        overlay["file"] = str(path)
+    if weights != "default":  # timm resolves the default tag itself
+        overlay["file"] = str(weights_file(name, weights))
     if new_classifier:  # any class count other than the checkpoint's makes timm drop its classifier
         overlay["num_classes"] = -1
     try:

@@ -2,6 +2,16 @@
 **options)`` returns maps ``[B, H, W]`` in [0, 1]; ``METHODS`` maps every method name to its function."""
 
 from . import cam, gradients, opticam, transformer  # noqa: F401  (registers the methods)
-from .core import METHODS, Explainer, default_layer, explain, mask_images, pixel_statistics, saliency_method
+from .core import (
+    METHODS,
+    Explainer,
+    check_options,
+    default_layer,
+    explain,
+    mask_images,
+    pixel_statistics,
+    saliency_method,
+)
 
-__all__ = ["METHODS", "Explainer", "default_layer", "explain", "mask_images", "pixel_statistics", "saliency_method"]
+__all__ = ["METHODS", "Explainer", "check_options", "default_layer", "explain", "mask_images", "pixel_statistics",
+           "saliency_method"]

@@ -3,7 +3,7 @@ layer's feature maps; capture, upsampling and normalisation are the shared mecha
 
 import torch
 
-from .core import Explainer, normalise_per_image, saliency_method, weighted_map
+from .core import Explainer, Number, normalise_per_image, saliency_method, weighted_map
 
 EPS = 1e-7
 
@@ -65,7 +65,7 @@ def _chunks(count: int, size: int):
         yield slice(start, min(start + size, count))
 
 
-@saliency_method("scorecam")
+@saliency_method("scorecam", batch_size=Number(1, integer=True))
 def scorecam(ex: Explainer, batch_size: int = 32, amp_dtype: torch.dtype | str | None = None) -> torch.Tensor:
     """Score-CAM (eq. 1.6-1.7): softmax over channels of the target logit of the image masked by each
     channel's upsampled, min-max normalised map. Channels of one image whose maps are equal after
@@ -90,7 +90,7 @@ def scorecam(ex: Explainer, batch_size: int = 32, amp_dtype: torch.dtype | str |
     return weighted_map(acts, scores.softmax(1))
 
 
-@saliency_method("ablationcam")
+@saliency_method("ablationcam", batch_size=Number(1, integer=True))
 def ablationcam(ex: Explainer, batch_size: int = 32) -> torch.Tensor:
     """Ablation-CAM (eq. 1.9): ``w_k = (y_c - y_c^k) / y_c`` with channel k of the layer set to zero."""
     capture = ex.capture()

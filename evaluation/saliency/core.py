@@ -2,11 +2,13 @@
 captured activations and gradients, and the map's final upsampling and normalisation.
 
 A method is a function ``method(ex: Explainer, **options) -> Tensor`` registered with
-``@saliency_method(name)``; it returns a raw map ``[B, h, w]`` (at the layer's or the input's
-resolution) and ``explain`` turns it into ``[B, H, W]`` in [0, 1].
+``@saliency_method(name, **limits)`` (``limits``: the allowed values of its options, ``Number`` or ``OneOf``);
+it returns a raw map ``[B, h, w]`` (at the layer's or the input's resolution) and ``explain`` turns it into
+``[B, H, W]`` in [0, 1].
 """
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -20,22 +22,76 @@ from zoo import CAStream, ModelOutput
 
 from .tokens import layer_layout, patch_grid
 
-__all__ = ["METHODS", "Explainer", "default_layer", "explain", "mask_images", "pixel_statistics", "saliency_method"]
+__all__ = ["METHODS", "Explainer", "Number", "OneOf", "check_options", "default_layer", "explain", "mask_images",
+           "pixel_statistics", "saliency_method"]
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {}
 _ALIASES: dict[str, str] = {}
+_LIMITS: dict[str, dict] = {}
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def saliency_method(name: str, *aliases: str):
-    """Register ``fn(ex, **options)`` under ``name`` (and aliases) in ``METHODS``."""
+@dataclass(frozen=True)
+class Number:
+    """A numeric option's allowed values: finite, at least ``low`` (above it when ``strict``), whole when
+    ``integer``."""
+
+    low: float
+    strict: bool = False
+    integer: bool = False
+
+    def allows(self, value) -> bool:
+        kinds = int if self.integer else int | float
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+            return False
+        return value > self.low if self.strict else value >= self.low
+
+    def __str__(self) -> str:
+        return f"{'an integer' if self.integer else 'a number'} {'>' if self.strict else '>='} {self.low:g}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """An option that takes one of ``choices``."""
+
+    choices: tuple
+
+    def allows(self, value) -> bool:
+        return value in self.choices
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(map(repr, self.choices))
+
+
+def saliency_method(name: str, *aliases: str, **limits: Number | OneOf):
+    """Register ``fn(ex, **options)`` under ``name`` (and aliases) in ``METHODS``; ``limits`` are the allowed
+    values of its options, checked by ``check_options`` (an option whose default is None may also be None)."""
     def register(fn):
         METHODS[name] = fn
+        _LIMITS[name] = limits
         for alias in aliases:
             METHODS[alias] = fn
             _ALIASES[alias] = name
         return fn
     return register
+
+
+def check_options(method: str, options: dict) -> None:
+    """Refuse an unknown method, an option it does not take, or an option's value outside its limits, with a
+    ValueError naming the method and the option."""
+    if method not in METHODS:
+        raise ValueError(f"unknown saliency method {method!r}; known: {', '.join(sorted(METHODS))}")
+    name = _ALIASES.get(method, method)
+    parameters = dict(list(inspect.signature(METHODS[method]).parameters.items())[1:])
+    unknown = sorted(set(options) - set(parameters))
+    if unknown:
+        raise ValueError(f"{name} takes no option {', '.join(unknown)} "
+                         f"(its options: {', '.join(parameters) or 'none'})")
+    for option, value in options.items():
+        limit = _LIMITS[name].get(option)
+        if limit is None or limit.allows(value) or (value is None and parameters[option].default is None):
+            continue
+        raise ValueError(f"{name} {option} must be {limit}, got {value!r}")
 
 
 def logits_of(output) -> torch.Tensor:
@@ -178,6 +234,14 @@ class Explainer:
             raise ValueError(f"targets must be class indices in [0, {num_classes}) for {self.model_name}, got "
                              f"values in [{self.targets.min().item()}, {self.targets.max().item()}]")
 
+    def check_outputs(self) -> None:
+        """Refuse a model whose logits for the images are not finite, naming the images' batch positions."""
+        with torch.no_grad():
+            finite = self.logits(self.images).isfinite().all(1)
+        if not finite.all():
+            raise ValueError(f"outputs of {self.model_name} are not finite (NaN or Inf) for the images at batch "
+                             f"positions {_positions(~finite)}: its saliency maps would only be zeros")
+
     def capture(self, gradients: bool = False) -> Capture:
         """One forward pass that records the layer's output as maps [B, K, h, w] (patch tokens put on
         their grid) and, if asked, the target logits' gradient with respect to it. The output is replaced
@@ -255,6 +319,10 @@ def normalise_per_image(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return torch.where(constant, 0.0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny))
 
 
+def _positions(mask: torch.Tensor) -> str:
+    return ", ".join(map(str, mask.nonzero().flatten().tolist()))
+
+
 def _check_images(images: torch.Tensor, model: nn.Module, model_name: str) -> None:
     channels = getattr(model, "in_chans", 3)
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != channels \
@@ -262,6 +330,10 @@ def _check_images(images: torch.Tensor, model: nn.Module, model_name: str) -> No
         got = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) \
             else type(images).__name__
         raise ValueError(f"images for {model_name} must be a float tensor [B, {channels}, H, W], got {got}")
+    finite = images.flatten(1).isfinite().all(1)
+    if not finite.all():
+        raise ValueError(f"images for {model_name} are not finite (NaN or Inf) at batch positions "
+                         f"{_positions(~finite)}")
     net = backbone_of(model)
     if hasattr(net, "patch_embed"):  # a size the patch embedding refuses is named before any forward
         patch_grid(net, images.shape[-2:], model_name)
@@ -287,20 +359,17 @@ def explain(model: nn.Module, images: torch.Tensor, method: str, targets=None, l
 
     ``layer`` (a module or its dotted name) is the layer CAM methods explain (``default_layer``); a token
     layer of a vision transformer is read as maps on its patch grid. ``options`` go to the
-    method (e.g. ``iterations`` for Opti-CAM). The model's train/eval modes and ``requires_grad``
-    flags are restored afterwards and no hook is left on it.
+    method (e.g. ``iterations`` for Opti-CAM), checked by ``check_options``. Images and the model's outputs
+    must be finite. The model's train/eval modes and ``requires_grad`` flags are restored afterwards and no
+    hook is left on it.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown saliency method {method!r}; known: {', '.join(sorted(METHODS))}")
-    fn = METHODS[method]
-    accepted = list(inspect.signature(fn).parameters)[1:]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"{_ALIASES.get(method, method)} takes no option {', '.join(unknown)} "
-                         f"(its options: {', '.join(accepted) or 'none'})")
+    check_options(method, options)
     model_name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     _check_images(images, model, model_name)
     targets = check_targets(targets, len(images), images.device)
     with _explaining(model):
-        raw = fn(Explainer(model, images.detach(), targets, layer, model_name), **options)
+        explainer = Explainer(model, images.detach(), targets, layer, model_name)
+        raw = METHODS[method](explainer, **options)
+        if not raw.isfinite().all():  # only then one more forward, to tell a broken model from a rounding issue
+            explainer.check_outputs()
     return normalise_per_image(raw, images.shape[-2:])

@@ -10,7 +10,7 @@ no gradient is computed for the model's parameters.
 import torch
 import torch.nn.functional as F
 
-from .core import Explainer, mask_images, pixel_statistics, saliency_method
+from .core import Explainer, Number, OneOf, mask_images, pixel_statistics, saliency_method
 
 OBJECTIVES = ("mask", "diff")
 NORMALISATIONS = ("range", "max", "sigmoid")
@@ -34,11 +34,13 @@ def mask_of(saliency: torch.Tensor, size: tuple[int, int], normalisation: str) -
     return (up - low) / (high - low + EPS)
 
 
-@saliency_method("opticam")
+@saliency_method("opticam", iterations=Number(0, integer=True), lr=Number(0, strict=True), tolerance=Number(0),
+                 objective=OneOf(OBJECTIVES), normalisation=OneOf(NORMALISATIONS))
 def opticam(ex: Explainer, iterations: int = 100, lr: float = 0.1, objective: str = "mask",
             normalisation: str = "range", tolerance: float | None = None, mean=None, std=None,
             amp_dtype: torch.dtype | str | None = None) -> torch.Tensor:
-    """Opti-CAM map ``S(x; u*)``. ``objective``: ``mask`` maximises the target logit of the masked image
+    """Opti-CAM map ``S(x; u*)`` after at most ``iterations`` steps of Adam with step size ``lr`` (0 steps: the
+    uniform starting point). ``objective``: ``mask`` maximises the target logit of the masked image
     (eq. 2.6), ``diff`` minimises its distance to the logit of the image (eq. 2.12). ``normalisation``
     of the mask: ``range`` (min-max), ``max`` or ``sigmoid``. An image stops when its loss changes by
     less than ``tolerance`` (default 1e-10; 0: never). ``mean``/``std``: the model's input normalisation
@@ -46,10 +48,6 @@ def opticam(ex: Explainer, iterations: int = 100, lr: float = 0.1, objective: st
     autocast (features, weights and masks stay float32); its rounded logits repeat between iterations
     long before convergence, so there the default tolerance is 0.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"opticam objective must be one of {OBJECTIVES}, got {objective!r}")
-    if normalisation not in NORMALISATIONS:
-        raise ValueError(f"opticam normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
     amp = ex.autocast(amp_dtype)
     if tolerance is None:
         tolerance = 1e-10 if amp_dtype is None else 0.0

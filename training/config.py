@@ -5,6 +5,11 @@ The recipes of the thesis live in ``training/recipes/<name>.yaml`` with its hype
 reads one and overrides fields.
 """
 
+import json
+import math
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -13,11 +18,51 @@ import yaml
 from zoo.data import DATASETS
 from zoo.data.transforms import AUGMENTATIONS
 
+from .gradient_denoising import ERRORS
+
 __all__ = ["RECIPES_DIR", "Recipe", "list_recipes", "load_recipe"]
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 OBJECTIVES = ("classification", "gradient_denoising")
 PRECISIONS = ("no", "fp16", "bf16")
+KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "text", type(None): "null",
+         dict: "a mapping of names to JSON values", list[int]: "a list of integers"}  # as recipe messages name them
+NUMBER_AS_TEXT = re.compile(r"[-+]?[0-9_.]+[eE][-+]?[0-9]+")  # e.g. 1e-4, which YAML 1.1 (PyYAML) reads as text
+
+
+def is_of_kind(value, kind) -> bool:
+    """Whether ``value`` is of the declared type ``kind`` taken strictly: a bool is not an integer, an integer is
+    a number, a number is finite, a mapping's keys are names and its values JSON."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(is_of_kind(value, option) for option in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(is_of_kind(item, typing.get_args(kind)[0]) for item in value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is dict:
+        return isinstance(value, dict) and all(isinstance(key, str) for key in value) and is_json(value)
+    return isinstance(value, kind)
+
+
+def is_json(value) -> bool:
+    """Whether ``value`` can be written to recipe.json as it is."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def kind_problem(name: str, value, kind) -> str:
+    """The message for ``value`` of setting ``name`` not being of ``kind``."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    problem = f"{name} must be {' or '.join(KINDS[option] for option in options)}, got {value!r}"
+    if float in options and isinstance(value, str) and NUMBER_AS_TEXT.fullmatch(value):
+        problem += (" (YAML reads a number in exponent notation as text unless it has a decimal point and a signed "
+                    "exponent: write 1.0e-4 or 2.0e+3)")
+    return problem
 
 
 @dataclass
@@ -63,7 +108,10 @@ class Recipe:
     output_dir: str | None = None  # default: runs/<name>
 
     def __post_init__(self):
-        problems = []
+        problems = [kind_problem(f.name, getattr(self, f.name), f.type) for f in fields(self)
+                    if not is_of_kind(getattr(self, f.name), f.type)]
+        if problems:  # before the range checks, which compare the values
+            raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems))
         if self.dataset not in DATASETS:
             problems.append(f"dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
         if self.augmentation not in AUGMENTATIONS:
@@ -75,13 +123,20 @@ class Recipe:
         for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "checkpoint_every", "gd_weight"):
+        if self.gd_error not in ERRORS:
+            problems.append(f"gd_error {self.gd_error!r} is not one of {', '.join(ERRORS)}")
+        for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "checkpoint_every", "gd_weight", "gamma",
+                     "workers"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if any(milestone < 0 for milestone in self.milestones):
+            problems.append(f"milestones must not be negative, got {self.milestones}")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.objective == "gradient_denoising" and self.mixed_precision == "fp16" and self.gd_weight:
             problems.append("gradient denoising differentiates input gradients that fp16 loss scaling does not "
                             "reach (they may underflow): use mixed_precision bf16 or no")
-        for name in ("limit", "val_limit"):
+        for name in ("limit", "val_limit", "image_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if problems:

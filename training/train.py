@@ -6,33 +6,49 @@
 A run lives in its output folder (``runs/<recipe>`` by default):
 
 - ``recipe.json``: the recipe it runs; ``status.json``: ``running`` or ``finished``;
-- ``checkpoints/step-<N>/``: the full state (weights as safetensors; optimiser, scheduler, RNG and data position
-  as Accelerate saves them), written to a temporary folder first, so a killed run never leaves a partial one;
-- ``metrics.csv`` and ``metrics.jsonl``: per-epoch training loss and validation metrics (and TensorBoard when
-  it is installed);
+- ``checkpoints/step-<N>/``: the full state: ``model.safetensors`` (the weights), ``state.pt`` (optimiser,
+  scheduler, gradient scaler and every process's RNG state), ``progress.json`` (the position in the data and the
+  epoch's training sums so far) and ``manifest.json`` (each file's size and SHA-256, written last), all into a
+  temporary folder that is then renamed: a killed run leaves no partial checkpoint, and resuming detects a
+  damaged one;
+- ``metrics.csv`` and ``metrics.jsonl``: per-epoch training loss and validation metrics, one row per epoch
+  however often the run was killed and resumed (and TensorBoard when it is installed);
 - ``model/``: the final weights in timm's Hub layout (``model.safetensors`` + ``config.json`` with the label
   names), which ``timm.create_model("local-dir:<run>/model", pretrained=True)`` loads.
 
-Starting a recipe again in the same folder resumes from its last checkpoint and ends with the weights the
-uninterrupted run gives: the data order is drawn from (seed, epoch) and each image's augmentation from
-(seed, epoch, index), whatever the number of processes or data-loading workers. A folder that holds a
-finished run, or a run of another recipe, is never overwritten without ``--overwrite``.
+Starting a recipe again in the same folder resumes from its newest checkpoint whose files match its manifest
+(with a notice naming each damaged one passed over) and ends with the weights and metrics the uninterrupted run
+gives: the data order is drawn from (seed, epoch) and each image's augmentation from (seed, epoch, index),
+whatever the number of processes or data-loading workers. A folder that holds a finished run, or a run of
+another recipe, is never overwritten without ``--overwrite``.
 
-Checkpoints hold Accelerate's pickled optimiser and RNG state: resume only from your own runs. Published
-weights (``model/``) are safetensors.
+Resuming runs no code a checkpoint could carry: the weights are safetensors, the progress JSON, and ``state.pt``
+is read with ``torch.load(weights_only=True)``, whose unpickler builds only torch's short list of plain types
+(tensors, numbers, strings, containers of them); any other object is refused with an error naming the file.
+Published weights (``model/``) are safetensors.
 """
 
 import argparse
 import csv
+import errno
+import hashlib
+import io
 import json
 import math
+import os
+import pickle
+import random
+import re
 import shutil
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import safetensors.torch
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from timm.data import resolve_data_config
 from timm.models import save_for_hf
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -72,17 +88,121 @@ class SeededAugmentation(Dataset):
 
 @dataclass
 class Progress:
-    """Where the run is: saved with every checkpoint."""
+    """Where the run is: saved with every checkpoint (``progress.json``)."""
 
     epoch: int = 0  # epochs finished
     batch: int = 0  # batches of the current epoch done
     step: int = 0  # optimiser steps done
+    sums: dict[str, float] = field(default_factory=dict)  # the epoch's training sums, all processes, until now
 
-    def state_dict(self) -> dict:
-        return dict(epoch=self.epoch, batch=self.batch, step=self.step)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+CHECKPOINT_FILES = ("model.safetensors", "state.pt", "progress.json")
+MANIFEST = "manifest.json"  # each file's size and SHA-256, written last
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint whose files do not match its manifest (or that has none)."""
+
+
+def rng_state() -> dict:
+    """This process's random number generators, as numbers and tensors."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Set this process's random number generators to what ``rng_state`` returned."""
+    numpy_state = state["numpy"]
+    numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], dtype=np.uint32)
+    random.setstate(state["python"])
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_files(accelerator: Accelerator, model, optimizer, scheduler, progress: Progress) -> dict[str, bytes]:
+    """The files of a checkpoint, on the main process (none on the others, which hand it their RNG state)."""
+    rng = gather_object([rng_state()])
+    if not accelerator.is_main_process:
+        return {}
+    weights = {name: tensor.contiguous() for name, tensor in accelerator.get_state_dict(model).items()}
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    state = io.BytesIO()
+    torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler, rng=rng), state)
+    return {"model.safetensors": safetensors.torch.save(weights), "state.pt": state.getvalue(),
+            "progress.json": json.dumps(asdict(progress)).encode()}
+
+
+def write_checkpoint(folder: Path, files: dict[str, bytes]) -> None:
+    """``files`` into ``folder``, each flushed to the disk, then the manifest that seals them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
+    for name, data in [*files.items(), (MANIFEST, json.dumps({"files": manifest}, indent=2).encode())]:
+        with open(folder / name, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+
+
+def read_checkpoint(folder: Path) -> dict[str, bytes]:
+    """The files of checkpoint ``folder``, each checked against the size and SHA-256 its manifest lists."""
+    try:
+        listed = {name: (entry["size"], entry["sha256"])
+                  for name, entry in json.loads((folder / MANIFEST).read_bytes())["files"].items()}
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as error:  # missing, not JSON, misshapen
+        raise DamagedCheckpoint(f"no readable {MANIFEST}: {error}") from None
+    if sorted(listed) != sorted(CHECKPOINT_FILES):
+        raise DamagedCheckpoint(f"its manifest lists {', '.join(sorted(listed))}, not {', '.join(CHECKPOINT_FILES)}")
+    files = {}
+    for name, (size, sha256) in listed.items():
+        try:
+            files[name] = (folder / name).read_bytes()
+        except OSError as error:
+            raise DamagedCheckpoint(f"{name}: {error.strerror}") from None
+        if len(files[name]) != size:
+            raise DamagedCheckpoint(f"{name} has {len(files[name])} bytes, its manifest says {size}")
+        if hashlib.sha256(files[name]).hexdigest() != sha256:
+            raise DamagedCheckpoint(f"{name} does not have the SHA-256 its manifest lists")
+    return files
+
+
+@contextmanager
+def refusing(path: Path):
+    """Any error while loading the checkpoint file ``path``: a ValueError that names it."""
+    try:
+        yield
+    except pickle.UnpicklingError as error:  # torch's weights-only unpickler met something other than plain data
+        named = re.search(r"GLOBAL (\S+)", str(error))
+        raise ValueError(f"{path} asks to build an object{f' ({named[1]})' if named else ''}, not only plain data: "
+                         "refused, resuming never runs code a checkpoint carries") from error
+    except Exception as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise ValueError(f"{path} does not hold what a checkpoint's {path.name} holds, refused: {reason}") from error
+
+
+def restore(folder: Path, files: dict[str, bytes], accelerator: Accelerator, model, optimizer, scheduler) -> Progress:
+    """Load the verified ``files`` of checkpoint ``folder`` into the run; where the run is. A file that holds
+    anything but what ``checkpoint_files`` writes (an object to build, for one) is refused, its path named."""
+    with refusing(folder / "model.safetensors"):
+        accelerator.unwrap_model(model).load_state_dict(safetensors.torch.load(files["model.safetensors"]))
+    with refusing(folder / "state.pt"):
+        state = torch.load(io.BytesIO(files["state.pt"]), map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        if accelerator.process_index < len(state["rng"]):
+            set_rng_state(state["rng"][accelerator.process_index])
+        else:
+            print(f"{folder} was saved by {len(state['rng'])} processes: process {accelerator.process_index}'s "
+                  "random numbers start from the seed")
+    with refusing(folder / "progress.json"):
+        return Progress(**json.loads(files["progress.json"]))
 
 
 def build_objective(recipe: Recipe) -> Classification | GradientDenoising:
@@ -112,6 +232,8 @@ def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset, list[str]]:
     train_set = build_dataset(recipe.dataset, recipe.data_root, recipe.train_split, **recipe.dataset_options)
     val_split = recipe.val_split or next(s for s in type(train_set).splits if s != recipe.train_split)
     val_set = build_dataset(recipe.dataset, recipe.data_root, val_split, **recipe.dataset_options)
+    if not len(val_set):
+        raise ValueError(f"the validation split {val_split!r} of {recipe.dataset} holds no images ({recipe.data_root})")
     return train_set, val_set, list(train_set.classes)
 
 
@@ -199,34 +321,67 @@ class RunFolder:
             raise FileExistsError(f"{self.path} holds an unfinished run of another recipe ({listed}); "
                                   "--overwrite replaces it, or choose another output_dir")
 
-    def prepare(self, accelerator: Accelerator) -> Path | None:
-        """Set the folder up (main process); the checkpoint to resume from, if any."""
+    def prepare(self, accelerator: Accelerator) -> tuple[Path, dict[str, bytes]] | None:
+        """Set the folder up (main process); the checkpoint to resume from and its files, if any."""
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if self.overwrite and self.path.exists():
                 shutil.rmtree(self.path)
             self.checkpoints.mkdir(parents=True, exist_ok=True)
+            for partial in self.checkpoints.glob(".partial-*"):  # a killed run's
+                shutil.rmtree(partial)
             (self.path / "recipe.json").write_text(json.dumps(self.recipe, indent=2))
             (self.path / "status.json").write_text(json.dumps({"state": "running"}))
         accelerator.wait_for_everyone()
-        finished = sorted(self.checkpoints.glob("step-*"))
-        return finished[-1] if finished else None
+        return self.newest_checkpoint(accelerator)
 
-    def save_checkpoint(self, accelerator: Accelerator, step: int, keep: int) -> None:
-        partial = self.checkpoints / f".partial-step-{step:08d}"
-        if accelerator.is_main_process:
-            partial.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()  # every process writes its RNG state into it
-        accelerator.save_state(str(partial))
-        accelerator.wait_for_everyone()
+    def newest_checkpoint(self, accelerator: Accelerator) -> tuple[Path, dict[str, bytes]] | None:
+        """The newest checkpoint that its manifest verifies, and its files; each damaged one passed over gets a
+        one-line notice. Only damaged ones: an error naming the folder."""
+        damaged = []
+        for folder in sorted(self.checkpoints.glob("step-*"), reverse=True):
+            try:
+                files = read_checkpoint(folder)
+            except DamagedCheckpoint as problem:
+                damaged.append(f"{folder} ({problem})")
+                continue
+            for checkpoint in damaged:
+                accelerator.print(f"checkpoint {checkpoint} is damaged: resuming from {folder.name}, before it")
+            return folder, files
+        if damaged:
+            raise RuntimeError(f"no usable checkpoint in {self.checkpoints}: {'; '.join(damaged)} damaged; "
+                               "--overwrite starts the run again")
+        return None
+
+    def save_checkpoint(self, accelerator: Accelerator, step: int, keep: int, files: dict[str, bytes]) -> None:
+        """Write ``files`` (the main process's; the others pass none) as ``step-<step>``, keeping the ``keep``
+        newest. A failed write (a full disk) removes what it wrote and raises an OSError on every process."""
+        failure = None
         if accelerator.is_main_process:
             target = self.checkpoints / f"step-{step:08d}"
-            if target.exists():
-                shutil.rmtree(target)
-            partial.rename(target)
-            for old in sorted(self.checkpoints.glob("step-*"))[:-keep]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
+            partial = self.checkpoints / f".partial-{target.name}"
+            try:
+                write_checkpoint(partial, files)
+            except OSError as error:
+                shutil.rmtree(partial, ignore_errors=True)
+                failure = (error.errno, self.write_failure(error, target))
+            else:
+                if target.exists():
+                    shutil.rmtree(target)
+                partial.rename(target)
+                for old in sorted(self.checkpoints.glob("step-*"))[:-keep]:
+                    shutil.rmtree(old)
+        (failure,) = broadcast_object_list([failure])
+        if failure is not None:
+            raise OSError(*failure)
+
+    def write_failure(self, error: OSError, target: Path) -> str:
+        """What went wrong writing checkpoint ``target``, and what is left."""
+        cause = "no space left on the device" if error.errno in (errno.ENOSPC, errno.EDQUOT) else str(error)
+        earlier = sorted(self.checkpoints.glob("step-*"))
+        kept = f"the previous checkpoint {earlier[-1]} is intact" if earlier else "there is no earlier checkpoint"
+        return (f"{cause} while writing the checkpoint {target}: what it wrote is removed and {kept}; the same "
+                "command resumes once the checkpoint can be written")
 
     def finish(self, accelerator: Accelerator, summary: dict) -> None:
         if accelerator.is_main_process:
@@ -234,23 +389,40 @@ class RunFolder:
 
 
 class MetricsLog:
-    """Per-epoch metrics to ``metrics.csv`` and ``metrics.jsonl`` (main process), and Accelerate's trackers."""
+    """Per-epoch metrics to ``metrics.csv`` and ``metrics.jsonl`` (main process), one row per epoch however the run
+    was killed and resumed, and Accelerate's trackers."""
 
-    def __init__(self, folder: Path, accelerator: Accelerator):
-        self.folder, self.accelerator = folder, accelerator
+    def __init__(self, folder: Path, accelerator: Accelerator, epochs_done: int):
+        """Rows of epochs after the ``epochs_done`` the checkpoint resumed from are dropped: they are run again."""
+        self.folder, self.accelerator, self.rows = folder, accelerator, []
+        if accelerator.is_main_process and (folder / "metrics.jsonl").exists():
+            rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            self.rows = [row for row in rows if row["epoch"] <= epochs_done]
+            self.save()
 
     def write(self, row: dict) -> None:
         self.accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-        if not self.accelerator.is_main_process:
-            return
-        with (self.folder / "metrics.jsonl").open("a") as file:
-            file.write(json.dumps(row) + "\n")
-        rows = [json.loads(line) for line in (self.folder / "metrics.jsonl").read_text().splitlines()]
-        columns = list(dict.fromkeys(key for r in rows for key in r))
-        with (self.folder / "metrics.csv").open("w", newline="") as file:
-            writer = csv.DictWriter(file, columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        if self.accelerator.is_main_process:
+            self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
+            self.save()
+
+    def save(self) -> None:
+        """Both files replaced whole, so that a kill leaves the old ones or the new ones."""
+        table = io.StringIO()
+        writer = csv.DictWriter(table, list(dict.fromkeys(key for row in self.rows for key in row)))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        for name, text in (("metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.rows)),
+                           ("metrics.csv", table.getvalue())):
+            partial = self.folder / f".{name}.partial"
+            partial.write_text(text, newline="")
+            partial.replace(self.folder / name)
+
+
+def add_over_processes(accelerator: Accelerator, totals: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
+    """``totals`` plus ``sums`` added over all processes (each has the same keys)."""
+    added = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), reduction="sum")
+    return {key: totals.get(key, 0.0) + value for key, value in zip(sums, added.tolist(), strict=True)}
 
 
 def _trackers() -> list[str] | None:
@@ -280,29 +452,32 @@ def train(recipe: Recipe, overwrite: bool = False, cpu: bool = False) -> Path:
         overrides["input_size"] = (3, recipe.image_size, recipe.image_size)
     data_config = resolve_data_config(overrides, model=model)
     train_loader, val_loader = build_loaders(recipe, train_set, val_set, data_config, recipe.batch_size // share)
-    resume_from = run.prepare(accelerator)  # once the recipe has proved it can start
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    objective = build_objective(recipe)
+    resume_from = run.prepare(accelerator)  # once the recipe has proved it can start
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = len(train_loader) // recipe.grad_accum
     # stepped once per optimiser step of the global batch, so not handed to accelerator.prepare
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_schedule(recipe, steps_per_epoch))
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        accelerator.print(f"resumed from {resume_from} (epoch {progress.epoch}, batch {progress.batch})")
+        progress = restore(*resume_from, accelerator, model, optimizer, scheduler)
+        accelerator.print(f"resumed from {resume_from[0]} (epoch {progress.epoch}, batch {progress.batch})")
     if accelerator.is_main_process:
         accelerator.init_trackers(recipe.name)
-    log = MetricsLog(run.path, accelerator)
-    objective = build_objective(recipe)
+    log = MetricsLog(run.path, accelerator, progress.epoch)
+
+    def checkpoint() -> None:
+        files = checkpoint_files(accelerator, model, optimizer, scheduler, progress)
+        run.save_checkpoint(accelerator, progress.step, recipe.keep_checkpoints, files)
 
     for epoch in range(progress.epoch, recipe.epochs):
         train_loader.set_epoch(epoch)
         train_loader.dataset.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, progress.batch) if progress.batch else train_loader
         model.train()
-        sums: dict[str, float] = {}  # over this process's images of the epoch (since the resume, if any)
+        sums: dict[str, float] = {}  # over this process's images since the last checkpoint (then in progress.sums)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{recipe.epochs}", initial=progress.batch,
                    total=len(train_loader), disable=not accelerator.is_main_process)
         for images, target in bar:
@@ -325,9 +500,9 @@ def train(recipe: Recipe, overwrite: bool = False, cpu: bool = False) -> Path:
                 progress.step += 1
                 if recipe.checkpoint_every and progress.step % recipe.checkpoint_every == 0 \
                         and progress.batch < len(train_loader):
-                    run.save_checkpoint(accelerator, progress.step, recipe.keep_checkpoints)
-        totals = dict(zip(sums, accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device),
-                                                   reduction="sum").tolist(), strict=True))
+                    progress.sums, sums = add_over_processes(accelerator, progress.sums, sums), {}
+                    checkpoint()
+        totals = add_over_processes(accelerator, progress.sums, sums)
         images = totals.pop("images")
         row = {"epoch": epoch + 1, "step": progress.step, "lr": scheduler.get_last_lr()[0]}
         row.update({f"train_{key}": value / images for key, value in totals.items() if key != "correct"})
@@ -338,8 +513,8 @@ def train(recipe: Recipe, overwrite: bool = False, cpu: bool = False) -> Path:
             raise FloatingPointError(f"non-finite metrics at epoch {epoch + 1}: {row}; lower the lr or check the data")
         log.write(row)
         accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        progress.epoch, progress.batch = epoch + 1, 0
-        run.save_checkpoint(accelerator, progress.step, recipe.keep_checkpoints)
+        progress.epoch, progress.batch, progress.sums = epoch + 1, 0, {}
+        checkpoint()
 
     model_dir = run.path / "model"
     if accelerator.is_main_process:

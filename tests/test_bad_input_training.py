@@ -333,3 +333,18 @@ def test_an_empty_validation_split_is_named_before_anything_is_written(tmp_path)
     with pytest.raises(ValueError, match="the validation split 'test' of cub holds no images"):
         train(recipe, cpu=True)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("output_dir", ["", ".", "..", "notes", "project"])
+def test_overwrite_never_deletes_what_is_not_a_run(data, tmp_path, monkeypatch, output_dir):
+    """``--overwrite`` with an empty or dot output_dir, or a folder of other files, deletes nothing."""
+    project = tmp_path / "project"
+    (project / "notes").mkdir(parents=True)
+    kept = [project / "README.md", project / "notes" / "paper.txt", tmp_path / "beside.txt"]
+    for path in kept:
+        path.write_text("keep me")
+    monkeypatch.chdir(project)
+    where = {"project": str(project)}.get(output_dir, output_dir)
+    with pytest.raises(FileExistsError, match="working directory|holds no run"):
+        train(stream_run(data, project, output_dir=where, epochs=1, checkpoint_every=0), overwrite=True, cpu=True)
+    assert all(path.read_text() == "keep me" for path in kept)

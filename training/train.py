@@ -20,7 +20,8 @@ Starting a recipe again in the same folder resumes from its newest checkpoint wh
 (with a notice naming each damaged one passed over) and ends with the weights and metrics the uninterrupted run
 gives: the data order is drawn from (seed, epoch) and each image's augmentation from (seed, epoch, index),
 whatever the number of processes or data-loading workers. A folder that holds a finished run, or a run of
-another recipe, is never overwritten without ``--overwrite``.
+another recipe, is never overwritten without ``--overwrite``; one that holds no run (no ``recipe.json``), the
+working directory or a folder above it, never.
 
 Resuming runs no code a checkpoint could carry: the weights are safetensors, the progress JSON, and ``state.pt``
 is read with ``torch.load(weights_only=True)``, whose unpickler builds only torch's short list of plain types
@@ -305,13 +306,19 @@ class RunFolder:
         self.overwrite = overwrite
 
     def check(self) -> None:
-        """Refuse a folder that holds something else than an unfinished run of this recipe (unless overwriting)."""
+        """Refuse a folder that holds something else than an unfinished run of this recipe (unless overwriting a
+        run), and ever to replace the working directory or a folder above it."""
         stored = self.path / "recipe.json"
-        if self.overwrite or not self.path.exists() or not any(self.path.iterdir()):
+        if self.path.exists() and Path.cwd().resolve().is_relative_to(self.path.resolve()):
+            raise FileExistsError(f"output_dir {str(self.path)!r} holds the working directory: choose a folder of "
+                                  "its own for the run")
+        if not self.path.exists() or not any(self.path.iterdir()):
             return
         if not stored.exists():
-            raise FileExistsError(f"{self.path} is not empty and holds no run: choose another output_dir, "
-                                  "or --overwrite to replace its contents")
+            raise FileExistsError(f"{self.path} is not empty and holds no run (no recipe.json), so it is neither "
+                                  "resumed nor replaced, even with --overwrite: choose another output_dir")
+        if self.overwrite:
+            return
         if json.loads((self.path / "status.json").read_text()).get("state") == "finished":
             raise FileExistsError(f"{self.path} holds a finished run; --overwrite replaces it")
         differences = {key: (value, self.recipe.get(key)) for key, value in json.loads(stored.read_text()).items()

@@ -17,7 +17,9 @@ import argparse
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -388,6 +390,31 @@ def cached(path: Path, indices: list[int], protocol: Protocol) -> bool:
     return damage is None
 
 
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(unfinished)``, then that file renamed to ``path``, so that an interrupted write never looks
+    finished; a failed one (a full disk) is removed and named."""
+    unfinished = path.with_suffix(".partial")
+    try:
+        write(unfinished)
+    except (OSError, SafetensorError) as error:
+        unfinished.unlink(missing_ok=True)
+        raise OSError(f"could not write {path} ({' '.join(str(error).split())}): what the run wrote before is "
+                      "intact, and the same command continues from it once the file can be written") from error
+    unfinished.replace(path)
+
+
+def finished(results: Path) -> bool:
+    """Whether the run's ``results.json`` is there and complete; a damaged one is named (and written again)."""
+    if not results.exists():
+        return False
+    try:
+        json.loads(results.read_text())["methods"]
+    except (ValueError, KeyError, TypeError) as error:
+        print(f"{results} is damaged ({error}): writing it again from the cached batches")
+        return False
+    return True
+
+
 def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, workers: int = 0) -> Path:
     """Evaluate every batch of ``dataset`` not cached yet (this process's share), then, on the main process,
     write the results. Returns the run's folder. Bad input is refused first (``check_run``); the protocol's
@@ -400,7 +427,7 @@ def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, worker
     if main:
         batches_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "protocol.json").write_text(json.dumps(asdict(protocol), indent=2))
-    if (run_dir / "results.json").exists():
+    if finished(run_dir / "results.json"):
         if main:
             print(f"{run_dir} already holds the results of this protocol; nothing to do")
         return run_dir
@@ -418,17 +445,16 @@ def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, worker
                                    strict=True):
         record = evaluate_batch(model, images.to(accelerator.device), target, torch.tensor(batches[k]), protocol,
                                 set(protocol.metrics), keep_examples=k == 0)
-        partial = batches_dir / f"{k:06d}.partial"  # an interrupted write never looks like a finished batch
-        save_file(record, partial)
-        partial.replace(batches_dir / f"{k:06d}.safetensors")
+        write_atomically(batches_dir / f"{k:06d}.safetensors", partial(save_file, record))
     accelerator.wait_for_everyone()
     if main:
         records = [load_file(batches_dir / f"{k:06d}.safetensors") for k in range(len(batches))]
         summary = summarise(records, protocol)
         examples_figure(records[0], protocol.methods, run_dir / "examples.png")
         (run_dir / "results.md").write_text(markdown(summary, protocol))
-        (run_dir / "results.json").write_text(json.dumps(dict(protocol=asdict(protocol), key=protocol.key(),
-                                                              versions=_versions(), **summary), indent=2))
+        results = json.dumps(dict(protocol=asdict(protocol), key=protocol.key(), versions=_versions(), **summary),
+                             indent=2)
+        write_atomically(run_dir / "results.json", lambda unfinished: unfinished.write_text(results))
     return run_dir
 
 

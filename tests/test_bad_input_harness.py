@@ -6,16 +6,19 @@ handled and reported; never a crash after all other work, never a silently wrong
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from accelerate import Accelerator
 from data_layouts import CubImage, make_cub
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from test_harness import CUB_TEST, FAST, run, scores
 from timm.models import save_for_hf
 
+from evaluation import harness
 from evaluation.harness import Protocol, main
 from evaluation.harness import run as run_protocol
 from evaluation.saliency import METHODS, explain
@@ -128,6 +131,40 @@ def test_a_damaged_cached_batch_is_named_and_computed_again(tmp_path, capsys, da
     notices = [line for line in capsys.readouterr().out.splitlines() if str(damaged) in line]
     assert len(notices) == 1 and "computing it again" in notices[0]
     assert scores(resumed) == scores(clean) and resumed["images"] == clean["images"]
+
+
+def test_a_full_disk_names_the_batch_and_keeps_the_batches_written(tmp_path, monkeypatch):
+    make_cub(tmp_path / "data", images=CUB_TEST)
+    args = cub_args(tmp_path / "data", "--methods", "gradcam", "--metrics", "faithfulness")
+    _, clean = run(tmp_path / "clean", *args)
+    writes = []
+
+    def full_after_one(record, path):
+        writes.append(path)
+        if len(writes) > 1:
+            Path(path).write_bytes(b"\x00" * 8)  # what a full disk leaves of the file
+            raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+        save_file(record, path)
+
+    monkeypatch.setattr(harness, "save_file", full_after_one)
+    with pytest.raises(OSError, match=r"could not write .*000001\.safetensors \(.*No space left on device"):
+        run(tmp_path, *args)
+    (run_dir,) = (tmp_path / "out").iterdir()
+    assert sorted(path.name for path in (run_dir / "batches").iterdir()) == ["000000.safetensors"]
+    monkeypatch.undo()
+    _, resumed = run(tmp_path, *args)
+    assert scores(resumed) == scores(clean)
+
+
+def test_a_damaged_results_file_is_written_again(tmp_path, capsys):
+    make_cub(tmp_path / "data", images=CUB_TEST)
+    args = cub_args(tmp_path / "data", "--methods", "gradcam", "--metrics", "faithfulness")
+    run_dir, clean = run(tmp_path, *args)
+    truncate(run_dir / "results.json")
+    capsys.readouterr()
+    _, again = run(tmp_path, *args)
+    assert f"{run_dir / 'results.json'} is damaged" in capsys.readouterr().out
+    assert scores(again) == scores(clean)
 
 
 @pytest.mark.parametrize("flag, value", [("--limit", "0"), ("--limit", "-5"), ("--batch-size", "0"),

@@ -417,11 +417,13 @@ def finished(results: Path) -> bool:
 
 def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, workers: int = 0) -> Path:
     """Evaluate every batch of ``dataset`` not cached yet (this process's share), then, on the main process,
-    write the results. Returns the run's folder. Bad input is refused first (``check_run``); the protocol's
-    ``weights_sha256`` is filled in where None, before the run's folder is named."""
+    write the results. Returns the run's folder. Bad input is refused first (``check_run``); the weights are
+    resolved to their safetensors file once (``zoo.hub.weights_file``), which is loaded, and whose SHA-256 fills
+    the protocol's ``weights_sha256`` where None, before the run's folder is named."""
     check_run(protocol, dataset, workers)
-    if protocol.weights_sha256 is None and protocol.weights is not None:
-        protocol = replace(protocol, weights_sha256=sha256(weights_file(protocol.model, protocol.weights)))
+    weights = None if protocol.weights is None else weights_file(protocol.model, protocol.weights)
+    if protocol.weights_sha256 is None and weights is not None:
+        protocol = replace(protocol, weights_sha256=sha256(weights))
     run_dir, main = out / protocol.key(), accelerator.is_main_process
     batches_dir = run_dir / "batches"
     if main:
@@ -432,7 +434,8 @@ def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, worker
             print(f"{run_dir} already holds the results of this protocol; nothing to do")
         return run_dir
     torch.manual_seed(protocol.seed)
-    model = load_model(protocol.model, protocol.weights, protocol.num_classes, **protocol.model_args)
+    model = load_model(protocol.model, None if weights is None else str(weights), protocol.num_classes,
+                       **protocol.model_args)  # the file hashed, checked once
     model = model.to(accelerator.device).eval()
     dataset.transforms = eval_transform(protocol.data_config)
     count = len(dataset) if protocol.limit is None else min(protocol.limit, len(dataset))

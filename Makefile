@@ -13,10 +13,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m evaluation.demo --out $(OUT)
+	$(BIN)/python examples/demo.py --out $(OUT)
 
 quicklook: $(BIN)/.installed
-	$(BIN)/python -m zoo.quicklook --out results/quicklook
+	$(BIN)/python examples/quicklook.py --out results/quicklook
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

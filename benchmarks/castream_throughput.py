@@ -20,10 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from measure import device_name, save_run, timed  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import zoo  # noqa: E402
-from zoo.measure import device_name, save_run, timed  # noqa: E402
 
 TARGET_RATIO = 0.97
 

@@ -13,7 +13,7 @@ step each; the median step times are reported with the median of the per-repetit
 gradient-denoising loss of the first step is printed per format to show it. ``torch.compile`` of the step
 is not offered: its aot_autograd does not support double backward, which the regulariser needs (the
 objective compiles its batch-norm derivative, which runs inside the last backward). The objective
-records its convolutions and batch norms as ``training.double_backward`` nodes; a third objective, the same
+records its convolutions and batch norms as ``zoo.training.double_backward`` nodes; a third objective, the same
 with torch's own layers and their double backward (a per-group loop for grouped convolutions, a generic
 formula for batch norm), is timed beside it. On the first batch both objectives' float32 parameter gradients
 are compared with float64 ones through torch's layers (cuDNN's TF32 off): errors of the same size are float32's
@@ -28,7 +28,7 @@ are compared with an eager step on the same weights. Writes a JSON file and a Ma
 named by the time of the run.
 
 On Linux, glibc's ``malloc`` maps large blocks afresh and page-faults them on every step (why and what it
-costs: ``training.allocator``). ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824``, or
+costs: ``zoo.training.allocator``). ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824``, or
 ``--keep-freed-memory`` from within the process as ``zoo-train`` does by default, make it keep freed memory for
 reuse; the run's setting names either when it is in effect.
 """
@@ -44,13 +44,13 @@ from pathlib import Path
 
 import timm
 import torch
+from measure import device_name, save_run, timed
 from torch.profiler import ProfilerActivity, profile
+from zoo.training.allocator import keep_freed_memory
+from zoo.training.gradient_denoising import GradientDenoising
+from zoo.training.objectives import Classification
 
 import zoo  # noqa: F401  (registers resnet18_cifar and mobilenetv2_cifar with timm)
-from training.allocator import keep_freed_memory
-from training.gradient_denoising import GradientDenoising
-from training.objectives import Classification
-from zoo.measure import device_name, save_run, timed
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 IMAGE_SIZE, NUM_CLASSES = 32, 100

@@ -1,4 +1,4 @@
-"""Speed of insertion + deletion (``evaluation.metrics.curves``), ours batched vs a straightforward loop.
+"""Speed of insertion + deletion (``zoo.evaluation.metrics.curves``), ours batched vs a straightforward loop.
 
     python benchmarks/insertion_deletion_speed.py [--quick] [--device cpu|cuda] [--out results/benchmark]
                                                   [--runs MODEL:PROTOCOL:IMAGES ...] [--batch-size B] [--rounds 2]
@@ -30,11 +30,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from measure import device_name, save_run, timed  # noqa: E402
+from zoo.evaluation.metrics.curves import PROTOCOLS, area_under_curve, blur, perturbation_curves  # noqa: E402
+from zoo.evaluation.saliency import explain  # noqa: E402
 
-from evaluation.metrics.curves import PROTOCOLS, area_under_curve, blur, perturbation_curves  # noqa: E402
-from evaluation.saliency import explain  # noqa: E402
-from zoo.measure import device_name, save_run, timed  # noqa: E402
-from zoo.samples import photo_crops  # noqa: E402
+from zoo.data.photo import photo_crops  # noqa: E402
 
 FULL = ["resnet18:released:8", "resnet50:released:4", "resnet18:thesis:1"]
 QUICK = ["resnet18:released:2", "resnet18:thesis:1"]

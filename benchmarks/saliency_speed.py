@@ -29,15 +29,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from measure import device_name, save_run, timed  # noqa: E402
 from pytorch_grad_cam import GradCAM, ScoreCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from zoo.evaluation.metrics import average_drop, average_gain, average_increase  # noqa: E402
+from zoo.evaluation.saliency import default_layer, explain, mask_images, pixel_statistics  # noqa: E402
+from zoo.evaluation.saliency.core import normalise_per_image  # noqa: E402
+from zoo.evaluation.saliency.opticam import combine, mask_of  # noqa: E402
 
-from evaluation.metrics import average_drop, average_gain, average_increase  # noqa: E402
-from evaluation.saliency import default_layer, explain, mask_images, pixel_statistics  # noqa: E402
-from evaluation.saliency.core import normalise_per_image  # noqa: E402
-from evaluation.saliency.opticam import combine, mask_of  # noqa: E402
-from zoo.measure import device_name, save_run, timed  # noqa: E402
-from zoo.samples import photo_crops  # noqa: E402
+from zoo.data.photo import photo_crops  # noqa: E402
 
 REFERENCES = {"gradcam": GradCAM, "scorecam": ScoreCAM}
 # (method, model, batch, image size): Score-CAM runs one forward per channel, so it gets smaller images

@@ -25,10 +25,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from measure import device_name, save_run, timed  # noqa: E402
+from zoo.evaluation.saliency import default_layer, explain  # noqa: E402
 
-from evaluation.saliency import default_layer, explain  # noqa: E402
-from zoo.measure import device_name, gflops, save_run, timed  # noqa: E402
-from zoo.samples import photo_crops  # noqa: E402
+from zoo.data.photo import photo_crops  # noqa: E402
+from zoo.models.cost import gflops  # noqa: E402
 
 # the thesis' T / 8: seconds per image on a GPU (Table 2.1 for ResNet-50, Table 2.2 for ViT-B)
 THESIS = {("opticam", "resnet50"): 4.15 / 8, ("opticam", "vit_base_patch16_224"): 16.05 / 8,

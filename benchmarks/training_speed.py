@@ -27,15 +27,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from measure import device_name, save_run, timed  # noqa: E402
 from timm.data import resolve_data_config  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from zoo.training.config import load_recipe  # noqa: E402
+from zoo.training.objectives import model_logits  # noqa: E402
+from zoo.training.train import build_datasets, build_loaders  # noqa: E402
 
 import zoo  # noqa: E402, F401
-from training.config import load_recipe  # noqa: E402
-from training.objectives import model_logits  # noqa: E402
-from training.train import build_datasets, build_loaders  # noqa: E402
-from zoo.measure import device_name, save_run, timed  # noqa: E402
-from zoo.samples import photo  # noqa: E402
+from zoo.data.photo import photo  # noqa: E402
 
 
 def step_seconds(model, optimizer, x, labels, device) -> float:

@@ -1,3 +1,3 @@
-"""Evaluation: post-hoc saliency methods (``evaluation.saliency``), interpretability metrics
-(``evaluation.metrics``), the harness (``zoo-eval``), model cards (``evaluation.model_card``) and publishing
+"""Evaluation: post-hoc saliency methods (``zoo.evaluation.saliency``), interpretability metrics
+(``zoo.evaluation.metrics``), the harness (``zoo-eval``), model cards (``zoo.evaluation.model_card``) and publishing
 to the Hugging Face Hub (``zoo-publish``). See README.md."""

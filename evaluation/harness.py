@@ -8,7 +8,7 @@ default, the prediction with ``--targets predicted``), the insertion/deletion pr
 ``<out>/<protocol hash>/`` (the weights hashed by their content): every batch's per-image results are
 cached there, so an interrupted run continues where it stopped (a damaged cached batch is named and
 computed again), a different protocol never touches another's results, and several processes
-(``accelerate launch -m evaluation.harness ...``) share the batches. When all batches are done it writes
+(``accelerate launch -m zoo.evaluation.harness ...``) share the batches. When all batches are done it writes
 ``results.json``, ``results.md`` (the thesis' table layout) and ``examples.png``. Bad input (a flag, a
 method's option, an empty split) is refused before anything is written.
 """
@@ -39,6 +39,8 @@ import zoo  # noqa: E402, F401  (registers the zoo's models)
 from zoo.data import DATASETS, build_dataset, collate  # noqa: E402
 from zoo.data.transforms import eval_transform  # noqa: E402
 from zoo.hub import load_model, sha256, weights_file  # noqa: E402
+from zoo.metrics import recognition  # noqa: E402
+from zoo.output import logits_of  # noqa: E402
 
 from .metrics import (  # noqa: E402
     DEFAULT_PROTOCOL,
@@ -54,17 +56,14 @@ from .metrics import (  # noqa: E402
     insertion_deletion,
     localisation_error,
     max_box_accuracy,
-    mean_average_precision,
     official_metric,
     pixel_f1,
     pointing_game,
     relative_drop,
     saliency_metric,
     target_probabilities,
-    top_k_accuracy,
 )
 from .saliency import METHODS, check_options, explain, mask_images, pixel_statistics  # noqa: E402
-from .saliency.core import logits_of  # noqa: E402
 
 BOX_BASELINES = ("box", "box_complement")  # thesis Table 2.5: the ground truth itself as a saliency map
 EXAMPLES = 6  # images shown per method in examples.png
@@ -219,12 +218,6 @@ def summarise(records: list[dict], protocol: Protocol) -> dict:
     images, rows = _concatenated(records, "image/"), _concatenated(records, "row/")
     localised = rows.get("localised")
     logits, labels = images["logits"], images["labels"]
-    if labels.ndim == 2:
-        recognition = {"mAP": mean_average_precision(logits, labels).item()}
-    else:
-        ks = tuple(k for k in (1, 5) if k <= logits.shape[1])
-        hits = top_k_accuracy(logits, labels, ks)
-        recognition = {f"top{k}": hits[:, i].mean().item() for i, k in enumerate(ks)}
     methods = {}
     for method in protocol.methods:
         o = rows[f"{method}/o"]
@@ -239,7 +232,8 @@ def summarise(records: list[dict], protocol: Protocol) -> dict:
                 result[name] = max_box_accuracy(values) if name == "BA" else values.mean()
         result["seconds_per_image"] = sum(record[f"time/{method}"] for record in records) / len(labels)
         methods[method] = {name: float(value) for name, value in result.items()}
-    summary = {"images": len(labels), "explanations": len(rows["p"]), "recognition": recognition, "methods": methods}
+    summary = {"images": len(labels), "explanations": len(rows["p"]), "recognition": recognition(logits, labels),
+               "methods": methods}
     if localised is not None:
         excluded = {i for record in records
                     for i in record["image/index"][record["row/rows"]][~record["row/localised"]].tolist()}

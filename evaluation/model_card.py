@@ -1,7 +1,7 @@
 """Hugging Face model cards built from the harness' results: measured numbers only, beside the thesis' figures.
 
-    python -m evaluation.model_card --all                                   # regenerate every card
-    python -m evaluation.model_card resnet50_castream.in1k --results results/eval/<key>/results.json
+    python -m zoo.evaluation.model_card --all                                   # regenerate every card
+    python -m zoo.evaluation.model_card resnet50_castream.in1k --results results/eval/<key>/results.json
 
 A card folder (``model_cards/<arch>.<tag>/``, or the Hub folder ``zoo-publish`` builds) holds ``README.md``,
 the results it reports (``results/<dataset>-<protocol key>.json``, each with the harness' ``examples.png`` as
@@ -31,11 +31,11 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from zoo.evaluation.thesis_tables import TABLE_3_1, TABLE_3_2, TABLE_3_3, TABLE_4_1
 
 import zoo
 from zoo.hub import CONFIG_FILE, hub_id, read_config
-from zoo.measure import parameter_count
-from zoo.thesis import TABLE_3_1, TABLE_3_2, TABLE_3_3, TABLE_4_1
+from zoo.models.cost import parameter_count
 
 from .harness import COLUMNS
 
@@ -413,7 +413,7 @@ def card_body(name: str, info: ModelInfo, model: torch.nn.Module, stored: list[S
               f"model = timm.create_model({create}, pretrained=True).eval()",
               "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))",
               forward, "```", "",
-              f"{explained}: `evaluation.saliency.explain(model, images, \"gradcam\")`.",
+              f"{explained}: `zoo.evaluation.saliency.explain(model, images, \"gradcam\")`.",
               "", "## Results", ""]
     datasets = list(dict.fromkeys(item.results["protocol"]["dataset"] for item in stored))
     if not stored:

@@ -26,11 +26,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from zoo.evaluation.demo import SCALES, batch_of, chance_pointing, fashion_mnist, train_stream  # noqa: E402
+from zoo.evaluation.metrics import pointing_game  # noqa: E402
+from zoo.evaluation.saliency.core import normalise_per_image  # noqa: E402
 
 import zoo  # noqa: E402, F401
-from evaluation.demo import SCALES, batch_of, chance_pointing, fashion_mnist, train_stream  # noqa: E402
-from evaluation.metrics import pointing_game  # noqa: E402
-from evaluation.saliency.core import normalise_per_image  # noqa: E402
 from zoo.hub import read_config  # noqa: E402
 
 

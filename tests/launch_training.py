@@ -12,8 +12,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 from safetensors.torch import save_file
-
-from training import train
+from zoo.training import train
 
 
 def main() -> None:

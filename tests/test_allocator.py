@@ -2,14 +2,13 @@ import subprocess
 import sys
 
 import pytest
-
-from training import allocator
+from zoo.training import allocator
 
 # a fresh process: allocates, writes and frees a 64 MB block (above glibc's largest mmap threshold), then prints
 # the page faults of doing it again
 SECOND_BLOCK_FAULTS = """
 import resource, sys
-from training.allocator import keep_freed_memory
+from zoo.training.allocator import keep_freed_memory
 if sys.argv[1] == "keep" and not keep_freed_memory():
     sys.exit("not glibc")
 def write_a_block():

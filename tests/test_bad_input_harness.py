@@ -17,11 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from test_harness import CUB_TEST, FAST, run, scores
 from timm.models import save_for_hf
+from zoo.evaluation import harness
+from zoo.evaluation.harness import Protocol, main
+from zoo.evaluation.harness import run as run_protocol
+from zoo.evaluation.saliency import METHODS, explain
 
-from evaluation import harness
-from evaluation.harness import Protocol, main
-from evaluation.harness import run as run_protocol
-from evaluation.saliency import METHODS, explain
 from zoo.data import build_dataset
 from zoo.hub import add_to_hf_cache, sha256, weights_file
 

@@ -8,9 +8,8 @@ import re
 import pytest
 from test_model_cards import write_results
 from test_publish import REPO, results_of, save_checkpoint
-
-from evaluation import model_card, publish
-from evaluation.model_card import CARDS_DIR
+from zoo.evaluation import model_card, publish
+from zoo.evaluation.model_card import CARDS_DIR
 
 CARD = "resnet18_castream.in1k"  # a registered tag (1000 classes): its card needs no config.json
 KEPT = "resnet18_castream.cub"  # a checkpoint's card kept by zoo-publish --cards, config.json included

@@ -22,12 +22,11 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+import zoo.training.train
 from data_layouts import CubImage, make_cub, make_image_folder
 from test_training import QUICK, SMALL_BACKBONE, state
-
-import training.train
-from training.config import load_recipe
-from training.train import train
+from zoo.training.config import load_recipe
+from zoo.training.train import train
 
 STEPS_PER_EPOCH = 4  # 16 training images, batch 4
 
@@ -203,7 +202,7 @@ def test_a_kill_between_the_metrics_row_and_its_checkpoint_logs_the_epoch_once(d
         raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(training.train.RunFolder, "save_checkpoint", killed)  # the end of epoch 1, row written
+        patch.setattr(zoo.training.train.RunFolder, "save_checkpoint", killed)  # the end of epoch 1, row written
         with pytest.raises(Killed):
             train(recipe, cpu=True)
     assert [row["epoch"] for row in rows(tmp_path / "run")] == [1]
@@ -322,7 +321,7 @@ def test_a_bad_recipe_value_is_named_before_anything_is_written(data, tmp_path, 
     recipe = yaml_recipe(data, tmp_path, text if given == "yaml" else "")
     overrides = ["--set", text] if given == "cli" else []
     with pytest.raises(ValueError, match=rf"\b{setting}\b[^;]*{re.escape(shown)}"):
-        training.train.main([str(recipe), *overrides, "--cpu", "--release-freed-memory"])
+        zoo.training.train.main([str(recipe), *overrides, "--cpu", "--release-freed-memory"])
     assert not (tmp_path / "run").exists()
 
 

@@ -3,12 +3,12 @@
 import pytest
 import timm
 import torch
+from zoo.evaluation import thesis_tables
 
 import zoo
-from zoo import thesis
-from zoo.measure import gflops, parameter_count
+from zoo.models.cost import gflops, parameter_count
 
-THESIS_MODELS = sorted(thesis.TABLE_3_3)
+THESIS_MODELS = sorted(thesis_tables.TABLE_3_3)
 
 
 def meta_model(name, **kwargs):
@@ -31,7 +31,7 @@ def test_registered_with_timm():
 
 @pytest.mark.parametrize("name", THESIS_MODELS)
 def test_parameter_counts_match_table_3_3(name):
-    figures = thesis.TABLE_3_3[name]
+    figures = thesis_tables.TABLE_3_3[name]
     model = meta_model(name)
     # the thesis prints two decimals of millions, rounded or truncated: agree to its last digit
     assert abs(millions(parameter_count(model)) - figures["params_m"]) < 0.01
@@ -48,29 +48,29 @@ def test_stream_parameters_follow_the_closed_form():
     assert parameter_count(meta_model("resnet50_castream").stream) == expected == 6_969_152
 
 
-@pytest.mark.parametrize("start", sorted(thesis.TABLE_3_5_STREAM_PARAMS_M))
+@pytest.mark.parametrize("start", sorted(thesis_tables.TABLE_3_5_STREAM_PARAMS_M))
 def test_resnet50_placement_matches_table_3_5(start):
     stream = meta_model("resnet50_castream", stream_start=start).stream
     assert len(stream.blocks) == 5 - start
-    assert abs(millions(parameter_count(stream)) - thesis.TABLE_3_5_STREAM_PARAMS_M[start]) < 0.01
+    assert abs(millions(parameter_count(stream)) - thesis_tables.TABLE_3_5_STREAM_PARAMS_M[start]) < 0.01
 
 
 def test_resnet50_proj_ca_matches_table_3_4():
     stream = meta_model("resnet50_castream", kv_proj=True).stream
-    assert abs(millions(parameter_count(stream)) - thesis.TABLE_3_4_STREAM_PARAMS_M["proj_ca"]) < 0.01
+    assert abs(millions(parameter_count(stream)) - thesis_tables.TABLE_3_4_STREAM_PARAMS_M["proj_ca"]) < 0.01
 
 
 def test_resnet50_class_specific_matches_table_3_6():
     model = meta_model("resnet50_castream", class_specific=True)
     assert model.stream.query.shape == (1000, 64)
-    assert abs(millions(parameter_count(model)) - thesis.TABLE_3_6_PARAMS_M["class_specific"]) < 0.01
+    assert abs(millions(parameter_count(model)) - thesis_tables.TABLE_3_6_PARAMS_M["class_specific"]) < 0.01
 
 
 @pytest.mark.parametrize("name", THESIS_MODELS)
 def test_flops_overhead_matches_table_3_3(name):
     # Counting conventions differ (our absolute GFLOPs are ~1% below the thesis'), the stream's
     # overhead does not: both figures have three decimals, so their difference is known to +-0.001.
-    figures = thesis.TABLE_3_3[name]
+    figures = thesis_tables.TABLE_3_3[name]
     model = meta_model(name)
     overhead = gflops(model) - gflops(model.backbone)
     assert abs(overhead - (figures["gflops"] - figures["gap_gflops"])) <= 0.001 + 1e-6

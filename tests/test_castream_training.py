@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from zoo.measure import parameter_count
+from zoo.models.cost import parameter_count
 
 
 @pytest.fixture(params=["resnet18_castream", "convnext_tiny_castream"])

@@ -8,10 +8,10 @@ import torchvision
 from captum.attr import GuidedBackprop
 from timm.models import save_for_hf
 from torch import nn
+from zoo.evaluation.saliency import default_layer, explain
+from zoo.evaluation.saliency.core import normalise_per_image
 
 import zoo
-from evaluation.saliency import default_layer, explain
-from evaluation.saliency.core import normalise_per_image
 from zoo.hub import add_to_hf_cache
 
 NAMES = ["resnet18_cifar", "mobilenetv2_cifar"]

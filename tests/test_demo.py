@@ -1,16 +1,15 @@
-"""The end-to-end demo (``zoo-demo --quick``) on Fashion-MNIST files laid out as the Debian package ships them."""
+"""The end-to-end demo (``examples/demo.py --quick``) on Fashion-MNIST files laid out as the Debian package ships."""
 
 import csv
 import json
-import runpy
 from pathlib import Path
 
 import pytest
 from data_layouts import make_fashion_mnist
+from scripts import load_script
 
-from evaluation.demo import localisation_bar, main
-
-ROOT = Path(__file__).resolve().parents[1]
+demo = load_script("examples/demo.py")
+main, localisation_bar = demo["main"], demo["localisation_bar"]
 
 
 def test_quick_demo_runs_end_to_end_and_its_summary_copies_the_results(tmp_path):
@@ -42,7 +41,7 @@ def test_quick_demo_runs_end_to_end_and_its_summary_copies_the_results(tmp_path)
     assert json.loads((out / "summary.json").read_text())["models"] == summary["models"]
 
     # the experiment behind the demo's stream lr, on the quick demo's GAP model
-    experiment = runpy.run_path(str(ROOT / "experiments" / "castream_attention.py"))
+    experiment = load_script("experiments/castream_attention.py")
     attention = tmp_path / "attention"
     experiment["main"](["--quick", "--gap", str(out / "runs" / "gap" / "model"), "--lrs", "0.01", "0.001",
                         "--images", "8", "--data", str(tmp_path / "fashion-mnist"), "--out", str(attention)])

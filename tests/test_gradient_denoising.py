@@ -11,10 +11,9 @@ from captum.attr import GuidedBackprop
 from torch import nn
 from torch.func import functional_call
 from torch.overrides import _get_current_function_mode_stack
-
-from training import double_backward
-from training.double_backward import lean_double_backward
-from training.gradient_denoising import (
+from zoo.training import double_backward
+from zoo.training.double_backward import lean_double_backward
+from zoo.training.gradient_denoising import (
     ERRORS,
     GradientDenoising,
     cosine_error,
@@ -23,7 +22,8 @@ from training.gradient_denoising import (
     mean_absolute_error,
     mean_squared_error,
 )
-from training.objectives import classification_loss
+from zoo.training.objectives import classification_loss
+
 from zoo.guided import switchable_relu
 
 NUM_CLASSES = 5

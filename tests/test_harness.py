@@ -7,8 +7,7 @@ import sys
 
 import pytest
 from data_layouts import CubImage, make_cub, make_image_folder, make_voc
-
-from evaluation.harness import compare_main, main
+from zoo.evaluation.harness import compare_main, main
 
 CUB_TEST = tuple(CubImage(1 + i % 3, False, (8 + 4 * i, 8, 40, 30 + 2 * i)) for i in range(5))
 FAST = ["--img-size", "64", "--batch-size", "2", "--cpu"]
@@ -127,7 +126,7 @@ def test_two_processes_share_the_batches(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
-                    "evaluation.harness", *args, "--out", str(tmp_path / "two" / "out")], check=True, env=env)
+                    "zoo.evaluation.harness", *args, "--out", str(tmp_path / "two" / "out")], check=True, env=env)
     (run_dir,) = (tmp_path / "two" / "out").iterdir()
     assert scores(json.loads((run_dir / "results.json").read_text())) == scores(single)
 

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from references import MapsAsCAM
 from scipy.ndimage import gaussian_filter
 from torch import nn
-
-from evaluation.metrics.curves import (
+from zoo.evaluation.metrics.curves import (
     DEFAULT_PROTOCOL,
     PROTOCOLS,
     PerturbationProtocol,

@@ -10,10 +10,9 @@ import torch
 from references import MapsAsCAM
 from scipy import stats
 from torch import nn
-
-from evaluation.metrics import average_drop, average_gain, average_increase
-from evaluation.metrics.faithfulness import adcc, coherency, complexity, relative_drop
-from evaluation.saliency import mask_images
+from zoo.evaluation.metrics import average_drop, average_gain, average_increase
+from zoo.evaluation.metrics.faithfulness import adcc, coherency, complexity, relative_drop
+from zoo.evaluation.saliency import mask_images
 
 ON_IMAGE = torch.tensor([0.5, 0.8, 0.2, 0.4])
 ON_MASKED = torch.tensor([0.25, 0.8, 0.6, 0.1])

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.ops import box_iou
 from torchvision.transforms import v2
-
-from evaluation.metrics.localisation import (
+from zoo.evaluation.metrics.localisation import (
     box_accuracy,
     energy_pointing_game,
     localisation_error,

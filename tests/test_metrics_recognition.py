@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-from evaluation.metrics.recognition import average_precision, mean_average_precision, top_k_accuracy
+from zoo.metrics import average_precision, mean_average_precision, top_k_accuracy
 
 
 def voc2012_ap(scores, targets):

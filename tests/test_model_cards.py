@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 from PIL import Image
+from zoo.evaluation.harness import Protocol
+from zoo.evaluation.model_card import BIBTEX, CARDS_DIR, METRICS, UNREPORTED, main, regenerate
 
 import zoo
-from evaluation.harness import Protocol
-from evaluation.model_card import BIBTEX, CARDS_DIR, METRICS, UNREPORTED, main, regenerate
 
 FAITHFULNESS = ("AD", "AG", "AI", "I", "D")
 LOCALISATION = ("OM", "LE", "F1", "BA", "SP", "EP", "SM")

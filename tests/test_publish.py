@@ -7,14 +7,14 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
+import zoo.evaluation.publish
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from test_model_cards import assert_model_index_is_the_results, write_results
 from timm.models import save_for_hf
+from zoo.evaluation.model_card import regenerate
+from zoo.evaluation.publish import main
 
-import evaluation.publish
-from evaluation.model_card import regenerate
-from evaluation.publish import main
 from zoo.hub import CheckpointError, add_to_hf_cache, load_model, sha256
 
 X = torch.randn(2, 3, 64, 64)
@@ -132,7 +132,7 @@ def test_upload_is_one_commit_and_never_holds_the_token(tmp_path, model_dir, mon
     on_hub = tmp_path / "hub_card.md"
     on_hub.write_text("---\nlicense: apache-2.0\nlanguage: en\n---\nold card\n")
     monkeypatch.setattr(FakeHub, "calls", [])
-    monkeypatch.setattr(evaluation.publish, "HfApi", lambda: FakeHub(on_hub))
+    monkeypatch.setattr(zoo.evaluation.publish, "HfApi", lambda: FakeHub(on_hub))
     main([str(model_dir), REPO, "--results", str(results_of(model_dir, tmp_path / "runs"))])
     (create, upload) = FakeHub.calls
     assert create == ("create_repo", REPO, True) and upload[0] == "upload_folder"

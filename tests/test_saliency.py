@@ -13,17 +13,16 @@ from pytorch_grad_cam import AblationCAM, GradCAM, GradCAMPlusPlus, HiResCAM, La
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from timm.data import create_transform, resolve_data_config
 from torch import nn
-
-from evaluation.saliency import METHODS, default_layer, explain
-from evaluation.saliency.core import normalise_per_image
-from evaluation.saliency.opticam import mask_of
+from zoo.evaluation.saliency import METHODS, default_layer, explain
+from zoo.evaluation.saliency.core import normalise_per_image
+from zoo.evaluation.saliency.opticam import mask_of
 
 SIZE = 96
 REFERENCE = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
              "hirescam": HiResCAM, "scorecam": ScoreCAM, "ablationcam": AblationCAM}
 FAST = {"opticam": dict(iterations=3)}  # options that keep the generic tests quick
 # methods that run on any CNN; those reading a transformer's attention are tested in test_saliency_transformers.py
-CNN_METHODS = sorted(name for name, fn in METHODS.items() if fn.__module__ != "evaluation.saliency.transformer")
+CNN_METHODS = sorted(name for name, fn in METHODS.items() if fn.__module__ != "zoo.evaluation.saliency.transformer")
 
 
 def photo_batch(model, size=SIZE, noise=2):

@@ -19,11 +19,10 @@ from test_saliency import assert_same_maps, photo_batch, pytorch_grad_cam
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import ResPostBlock
 from torch import nn
-
-from evaluation.harness import comparison, main
-from evaluation.saliency import METHODS, default_layer, explain, lrp
-from evaluation.saliency.core import normalise_per_image
-from evaluation.saliency.transformer import recorded_attentions, relevance, rollout
+from zoo.evaluation.harness import comparison, main
+from zoo.evaluation.saliency import METHODS, default_layer, explain, lrp
+from zoo.evaluation.saliency.core import normalise_per_image
+from zoo.evaluation.saliency.transformer import recorded_attentions, relevance, rollout
 
 # Ablation-CAM ablates tokens differently from pytorch-grad-cam's ViT ablation: checked by hand below
 REFERENCE = {name: cls for name, cls in CNN_REFERENCE.items() if name != "ablationcam"}

@@ -1,24 +1,23 @@
 """The main job's quick look and the benchmark script run end to end and write what they promise."""
 
 import json
-import runpy
-import sys
-from pathlib import Path
 
 import matplotlib.figure
 import pytest
 import timm
 from PIL import Image
+from scripts import load_script, run_script
+from zoo.evaluation import thesis_tables
 
-from zoo import quicklook, thesis
-from zoo.measure import parameter_count, save_run
+from zoo.models.cost import parameter_count
 
-ROOT = Path(__file__).resolve().parents[1]
+quicklook = load_script("examples/quicklook.py")
+save_run = load_script("benchmarks/measure.py")["save_run"]
 
 
 def test_quicklook_writes_the_table_and_the_saliency_figure(tmp_path, capsys):
     names = ["resnet18_castream", "convnext_tiny_castream"]
-    quicklook.main(["--models", *names, "--out", str(tmp_path)])
+    quicklook["main"](["--models", *names, "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "models.json").read_text())
     assert [row["model"] for row in rows] == names
     for row in rows:
@@ -26,28 +25,27 @@ def test_quicklook_writes_the_table_and_the_saliency_figure(tmp_path, capsys):
         assert row["params_m"] == parameter_count(model) / 1e6
         assert row["stream_params_m"] == parameter_count(model.stream) / 1e6
         assert row["gflops"] > row["gap_gflops"] > 0
-    assert rows[0]["thesis"] == thesis.TABLE_3_3["resnet18_castream"]
+    assert rows[0]["thesis"] == thesis_tables.TABLE_3_3["resnet18_castream"]
     assert "thesis" not in rows[1]  # ConvNeXt-T is not in the thesis
     printed = capsys.readouterr().out
     assert "| resnet18_castream | 12.13 | 0.440 | 12.13 |" in printed
     with Image.open(tmp_path / "saliency.png") as image:
         assert image.width > 600 and image.height > 300
     first_run = (tmp_path / "saliency.png").read_bytes()
-    quicklook.main(["--models", *names, "--out", str(tmp_path)])  # same seed, same figure
+    quicklook["main"](["--models", *names, "--out", str(tmp_path)])  # same seed, same figure
     assert "replacing the previous quick look" in capsys.readouterr().out
     assert (tmp_path / "saliency.png").read_bytes() == first_run
 
 
 def test_quicklook_refuses_unknown_models(tmp_path):
     with pytest.raises(SystemExit):
-        quicklook.main(["--models", "resnet50", "--out", str(tmp_path)])
+        quicklook["main"](["--models", "resnet50", "--out", str(tmp_path)])
 
 
-def test_benchmark_script_reports_ratios(tmp_path, monkeypatch, capsys):
-    argv = ["castream_throughput.py", "--models", "resnet18_castream", "--img-size", "64", "--batch", "2",
+def test_benchmark_script_reports_ratios(tmp_path, capsys):
+    argv = ["--models", "resnet18_castream", "--img-size", "64", "--batch", "2",
             "--rounds", "3", "--device", "cpu", "--out", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(ROOT / "benchmarks" / "castream_throughput.py"), run_name="__main__")
+    run_script("benchmarks/castream_throughput.py", argv)
     (json_file,) = tmp_path.glob("castream_throughput-*.json")
     (row,) = json.loads(json_file.read_text())["rows"]
     assert row["model"] == "resnet18_castream" and row["ratio_q1"] <= row["ratio"] <= row["ratio_q3"]
@@ -56,9 +54,8 @@ def test_benchmark_script_reports_ratios(tmp_path, monkeypatch, capsys):
     assert "resnet18_castream" in capsys.readouterr().out
 
 
-def test_saliency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["saliency_speed.py", "--quick", "--device", "cpu", "--out", str(tmp_path)])
-    runpy.run_path(str(ROOT / "benchmarks" / "saliency_speed.py"), run_name="__main__")
+def test_saliency_benchmark_runs_side_by_side(tmp_path):
+    run_script("benchmarks/saliency_speed.py", ["--quick", "--device", "cpu", "--out", str(tmp_path)])
     (json_file,) = tmp_path.glob("saliency_speed-*.json")
     result = json.loads(json_file.read_text())
     assert [row["method"] for row in result["cams"]] == ["gradcam", "scorecam"]
@@ -70,11 +67,10 @@ def test_saliency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
     assert json_file.with_suffix(".md").exists() and json_file.with_suffix(".png").exists()
 
 
-def test_training_benchmark_compares_stream_and_fine_tuning_steps(tmp_path, monkeypatch):
-    argv = ["training_speed.py", "--models", "resnet18_castream", "--img-size", "32", "--batch", "2", "--rounds", "3",
+def test_training_benchmark_compares_stream_and_fine_tuning_steps(tmp_path):
+    argv = ["--models", "resnet18_castream", "--img-size", "32", "--batch", "2", "--rounds", "3",
             "--workers", "0", "--loader-images", "4", "--device", "cpu", "--out", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(ROOT / "benchmarks" / "training_speed.py"), run_name="__main__")
+    run_script("benchmarks/training_speed.py", argv)
     (json_file,) = tmp_path.glob("training_speed-*.json")
     result = json.loads(json_file.read_text())
     (row,) = result["steps"]
@@ -84,11 +80,10 @@ def test_training_benchmark_compares_stream_and_fine_tuning_steps(tmp_path, monk
     assert json_file.with_suffix(".png").stat().st_size > 0
 
 
-def test_gradient_denoising_benchmark_times_both_objectives(tmp_path, monkeypatch):
-    argv = ["gradient_denoising_speed.py", "--models", "resnet18_cifar", "--batch", "2", "--repeats", "1",
+def test_gradient_denoising_benchmark_times_both_objectives(tmp_path):
+    argv = ["--models", "resnet18_cifar", "--batch", "2", "--repeats", "1",
             "--formats", "contiguous", "--device", "cpu", "--out", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(ROOT / "benchmarks" / "gradient_denoising_speed.py"), run_name="__main__")
+    run_script("benchmarks/gradient_denoising_speed.py", argv)
     (json_file,) = tmp_path.glob("gradient_denoising_speed-*.json")
     (row,) = json.loads(json_file.read_text())["rows"]
     assert row["model"] == "resnet18_cifar" and row["ratio"] > 1  # five passes instead of two

@@ -14,10 +14,10 @@ import torch
 from accelerate.utils import set_seed
 from data_layouts import CubImage, make_cub, make_image_folder, make_voc
 from safetensors.torch import load_file, save_file
+from zoo.training.config import list_recipes, load_recipe
+from zoo.training.train import build_loaders, build_model, step_schedule, subset, train
 
 import zoo  # noqa: F401
-from training.config import list_recipes, load_recipe
-from training.train import build_loaders, build_model, step_schedule, subset, train
 from zoo.hub import load_model
 
 SMALL_BACKBONE = {"backbone": "resnet10t"}  # the smallest timm ResNet keeps each step fast
@@ -164,11 +164,11 @@ def test_voc_is_multi_label_with_binary_cross_entropy_and_map(tmp_path):
                                                                   data_root=str(tmp_path / "data")))
     train(recipe, cpu=True)
     (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert 0 <= row["val_map"] <= 100 and "val_top1" not in row and "train_top1" not in row
+    assert 0 <= row["val_mAP"] <= 100 and "val_top1" not in row and "train_top1" not in row
 
 
 def _train_command(tmp_path, out: str) -> list[str]:
-    return [sys.executable, "-m", "training.train", "castream_imagenet", "--model", "resnet18_castream",
+    return [sys.executable, "-m", "zoo.training.train", "castream_imagenet", "--model", "resnet18_castream",
             "--set", f"model_args={json.dumps(SMALL_BACKBONE)}", "--weights", "none", "--data-root",
             str(tmp_path / "data"), "--image-size", "32", "--workers", "0", "--batch-size", "4", "--epochs", "2",
             "--checkpoint-every", "1", "--output-dir", str(tmp_path / out), "--cpu"]

@@ -20,7 +20,7 @@ Conventions this implementation fixes where the thesis leaves room:
 One step costs five passes through the network instead of two (§4.2): the forward, the guided backward
 (graph retained, not extended), the standard backward with ``create_graph=True``, then the final
 backward through both the forward graph and the graph of ``δx``. The forward records its convolutions
-and batch norms as ``training.double_backward`` nodes, so that last backward differentiates them cheaply,
+and batch norms as ``zoo.training.double_backward`` nodes, so that last backward differentiates them cheaply,
 and the two input-gradient passes compute no weight gradients.
 """
 
@@ -114,11 +114,11 @@ def input_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 
 class GradientDenoising:
-    """``L = L_C + λ · mean_i E(δx_i, δ_G x_i)`` (eq. 4.3–4.4), an objective as in ``training.objectives``.
+    """``L = L_C + λ · mean_i E(δx_i, δ_G x_i)`` (eq. 4.3–4.4), an objective as in ``zoo.training.objectives``.
 
     ``error``: a key of ``ERRORS`` (eq. 4.5–4.8); ``weight``: λ (thesis default: cosine, 7.5e-3). With
     weight 0 it is the plain ``Classification`` objective, without the extra passes. ``lean_double_backward``
-    (default) differentiates the convolutions and batch norms through ``training.double_backward``; False keeps
+    (default) differentiates the convolutions and batch norms through ``zoo.training.double_backward``; False keeps
     torch's own.
     """
 

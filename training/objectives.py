@@ -3,7 +3,7 @@
 Every objective is a callable ``objective(model, images, labels) -> StepOutput``; the training loop only
 backpropagates ``loss``, counts accuracy from ``logits`` and logs ``terms``. ``Classification`` is the
 plain one (cross-entropy for class indices, binary cross-entropy for multi-hot labels);
-``training.gradient_denoising.GradientDenoising`` adds the interpretable-gradient regulariser (thesis ch. 4).
+``zoo.training.gradient_denoising.GradientDenoising`` adds the interpretable-gradient regulariser (thesis ch. 4).
 """
 
 from typing import NamedTuple
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.output import ModelOutput
+from zoo.output import logits_of
 
 __all__ = ["Classification", "StepOutput", "classification_loss", "model_logits"]
 
@@ -33,7 +33,7 @@ def model_logits(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | 
     inner = getattr(model, "module", model)  # DistributedDataParallel and compiled models wrap the model
     class_specific = getattr(inner, "class_specific", False) and labels is not None and labels.ndim == 1
     out = model(images, labels) if class_specific else model(images)
-    return out.logits if isinstance(out, ModelOutput) else out
+    return logits_of(out)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The training loop of every recipe, on Hugging Face Accelerate: CPU, one GPU, many GPUs or nodes alike.
 
     zoo-train castream_cub --data-root data/CUB_200_2011 --epochs 1 --limit 256
-    accelerate launch --multi_gpu --num_processes 8 -m training.train castream_imagenet
+    accelerate launch --multi_gpu --num_processes 8 -m zoo.training.train castream_imagenet
 
 A run lives in its output folder (``runs/<recipe>`` by default):
 
@@ -56,10 +56,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import zoo  # noqa: F401  (registers the zoo's models)
-from evaluation.metrics import mean_average_precision, top_k_accuracy
 from zoo.data import build_dataset, collate
 from zoo.data.transforms import eval_transform, train_transform
 from zoo.hub import load_model
+from zoo.metrics import recognition
 
 from .allocator import keep_freed_memory
 from .config import Recipe, list_recipes, load_recipe
@@ -287,13 +287,7 @@ def validate(model, loader, accelerator: Accelerator) -> dict[str, float]:
         all_labels.append(labels)
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
     metrics = {"val_loss": classification_loss(logits, labels).item()}
-    if labels.ndim == 2:
-        metrics["val_map"] = mean_average_precision(logits, labels).item()
-    else:
-        ks = [k for k in (1, 5) if k <= logits.shape[1]]
-        hits = top_k_accuracy(logits, labels, ks).mean(0)
-        metrics.update({f"val_top{k}": hit.item() for k, hit in zip(ks, hits, strict=True)})
-    return metrics
+    return metrics | {f"val_{key}": value for key, value in recognition(logits, labels).items()}
 
 
 class RunFolder:

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["ModelOutput", "check_image_batch"]
+__all__ = ["ModelOutput", "check_image_batch", "logits_of"]
 
 
 class ModelOutput(NamedTuple):
@@ -16,6 +16,12 @@ class ModelOutput(NamedTuple):
 
     logits: torch.Tensor
     saliency: torch.Tensor
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of any classifier's output: a zoo ``ModelOutput``, a tuple whose first item they are, or the
+    plain tensor of a timm or torchvision model."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:

@@ -7,7 +7,5 @@ from .faithfulness import *  # noqa: F403
 from .faithfulness import __all__ as _faithfulness
 from .localisation import *  # noqa: F403
 from .localisation import __all__ as _localisation
-from .recognition import *  # noqa: F403
-from .recognition import __all__ as _recognition
 
-__all__ = [*_faithfulness, *_curves, *_localisation, *_recognition]
+__all__ = [*_faithfulness, *_curves, *_localisation]

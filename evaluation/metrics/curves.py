@@ -38,8 +38,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo.evaluation.saliency.core import check_targets, evaluating
 
-from evaluation.saliency.core import check_targets, evaluating, logits_of
+from zoo.output import logits_of
 
 # blur and gaussian_kernel are public too, but stay out of the package namespace
 __all__ = ["DEFAULT_PROTOCOL", "PROTOCOLS", "InsertionDeletionScores", "PerturbationCurves", "PerturbationProtocol",

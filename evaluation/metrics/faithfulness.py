@@ -1,7 +1,7 @@
 """Faithfulness metrics: how the target probability reacts to masking the image by its saliency map.
 
 ``p`` holds the target-class probabilities on the images and ``o`` those on the images masked by
-their saliency maps (see ``evaluation.saliency.mask_images``); both are [N] tensors in [0, 1].
+their saliency maps (see ``zoo.evaluation.saliency.mask_images``); both are [N] tensors in [0, 1].
 AD, AG and AI are percentages over the N images (thesis §1.3.3.2, §2.4).
 
 ADCC (Poppi et al. 2021, thesis eq. 1.12-1.14) is computed per image from three terms in [0, 1], scaled

@@ -2,7 +2,7 @@
 
 Conventions (all functions):
 
-- ``maps``: [N, H, W] float tensor in [0, 1] at image resolution (as ``evaluation.saliency.explain`` gives).
+- ``maps``: [N, H, W] float tensor in [0, 1] at image resolution (as ``zoo.evaluation.saliency.explain`` gives).
 - ``gt_boxes``: a sequence of N tensors [n_i, 4], n_i >= 1, in pixel coordinates (x0, y0, x1, y1) with x1, y1
   *exclusive*, as torchvision's XYXY boxes (``tv_tensors.BoundingBoxes``, ``torchvision.ops``): a box touching
   the right border has x1 = W, its area is (x1 - x0)(y1 - y0), and pixel (u, v) belongs to it when its centre

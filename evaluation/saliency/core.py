@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
-from zoo import CAStream, ModelOutput
+from zoo import CAStream
+from zoo.output import logits_of
 
 from .tokens import layer_layout, patch_grid
 
@@ -92,13 +93,6 @@ def check_options(method: str, options: dict) -> None:
         if limit is None or limit.allows(value) or (value is None and parameters[option].default is None):
             continue
         raise ValueError(f"{name} {option} must be {limit}, got {value!r}")
-
-
-def logits_of(output) -> torch.Tensor:
-    """Logits from a zoo ``ModelOutput``, a tuple whose first item they are, or a plain tensor."""
-    if isinstance(output, ModelOutput | tuple):
-        return output[0]
-    return output
 
 
 def backbone_of(model: nn.Module) -> nn.Module:

@@ -1,7 +1,7 @@
 """A quick look at the zoo: every registered model's size and cost beside the thesis' figures, and a
 picture of the saliency each one returns with its logits.
 
-    python -m zoo.quicklook [--models resnet50_castream ...] [--img-size 224] [--out results/quicklook]
+    python examples/quicklook.py [--models resnet50_castream ...] [--img-size 224] [--out results/quicklook]
 
 Writes ``models.md`` / ``models.json`` (the table) and ``saliency.png`` (every stage's attention on
 one photograph) into ``--out``. Models are random-initialised unless ``--pretrained`` is given (their
@@ -22,11 +22,11 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from timm.data import create_transform, resolve_data_config  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from zoo.evaluation import thesis_tables  # noqa: E402
 
 import zoo  # noqa: E402
-from zoo import thesis  # noqa: E402
-from zoo.measure import gflops, parameter_count  # noqa: E402
-from zoo.samples import photo  # noqa: E402
+from zoo.data.photo import photo  # noqa: E402
+from zoo.models.cost import gflops, parameter_count  # noqa: E402
 
 
 def measure(name: str, img_size: int) -> dict:
@@ -43,8 +43,8 @@ def measure(name: str, img_size: int) -> dict:
         gflops=gflops(model, input_size),
         img_size=img_size,
     )
-    if img_size == 224 and name in thesis.TABLE_3_3:  # the thesis measured at 224 px
-        row["thesis"] = thesis.TABLE_3_3[name]
+    if img_size == 224 and name in thesis_tables.TABLE_3_3:  # the thesis measured at 224 px
+        row["thesis"] = thesis_tables.TABLE_3_3[name]
     return row
 
 

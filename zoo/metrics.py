@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["average_precision", "mean_average_precision", "top_k_accuracy"]
+__all__ = ["average_precision", "mean_average_precision", "recognition", "top_k_accuracy"]
 
 _INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -89,3 +89,13 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor, difficul
     if ap.isnan().all():
         raise ValueError("no class has a positive (non-difficult) example: mAP is undefined")
     return ap.nanmean()
+
+
+def recognition(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """A set of images' recognition results, in percent: ``top1`` and ``top5`` (as far as there are classes) for
+    class ids [N], ``mAP`` for multi-hot labels [N, C]."""
+    if labels.ndim == 2:
+        return {"mAP": mean_average_precision(scores, labels).item()}
+    ks = tuple(k for k in (1, 5) if k <= scores.shape[1])
+    hits = top_k_accuracy(scores, labels, ks).mean(0)
+    return {f"top{k}": hit.item() for k, hit in zip(ks, hits, strict=True)}

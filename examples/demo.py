@@ -41,17 +41,16 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from zoo.evaluation import publish  # noqa: E402
+from zoo.evaluation.harness import Protocol, run  # noqa: E402
+from zoo.evaluation.saliency import explain  # noqa: E402
+from zoo.training.config import Recipe  # noqa: E402
+from zoo.training.train import train  # noqa: E402
 
 import zoo  # noqa: E402, F401
-from training.config import Recipe  # noqa: E402
-from training.train import train  # noqa: E402
 from zoo.data import FASHION_MNIST_DEBIAN_DIR, build_dataset  # noqa: E402
 from zoo.data.transforms import eval_transform  # noqa: E402
 from zoo.hub import hub_id, read_config  # noqa: E402
-
-from . import publish  # noqa: E402
-from .harness import Protocol, run  # noqa: E402
-from .saliency import explain  # noqa: E402
 
 __all__ = ["SCALES", "Scale", "fashion_mnist", "main", "train_stream"]
 

@@ -14,16 +14,14 @@ import argparse
 import statistics
 from pathlib import Path
 
-import matplotlib
+import timm
+import torch
+from matplotlib.artist import setp
+from measure import device_name, save_run, timed
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from measure import device_name, save_run, timed  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import zoo  # noqa: E402
+import zoo
+from zoo.evaluation.figures import grid
 
 TARGET_RATIO = 0.97
 
@@ -80,7 +78,8 @@ def main(argv=None):
         print(f"{row['model']:26s} {row['gap_img_per_s']:10.2f} {row['castream_img_per_s']:10.2f} {row['ratio']:7.3f} "
               f"{row['ratio_q1']:6.3f}-{row['ratio_q3']:.3f} {100 * row['stream_share']:12.2f}%")
 
-    fig, ax = plt.subplots(figsize=(1 + 0.9 * len(rows), 3.5))
+    figure, axes = grid(1, 1, cell=(1 + 0.9 * len(rows), 3.5))
+    ax = axes[0, 0]
     errors = [[row["ratio"] - row["ratio_q1"] for row in rows], [row["ratio_q3"] - row["ratio"] for row in rows]]
     ax.bar([row["model"].removesuffix("_castream") for row in rows], [row["ratio"] for row in rows], yerr=errors,
            capsize=3)
@@ -90,9 +89,8 @@ def main(argv=None):
     ax.set_ylabel("CA-Stream / GAP throughput")
     ax.set_title(setting, fontsize=8)
     ax.legend(fontsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
-    fig.tight_layout()
-    save_run(args.out, "castream_throughput", dict(setting=setting, rows=rows), figure=fig)
+    setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
+    save_run(args.out, "castream_throughput", dict(setting=setting, rows=rows), figure=figure)
 
 
 if __name__ == "__main__":

@@ -46,11 +46,11 @@ import timm
 import torch
 from measure import device_name, save_run, timed
 from torch.profiler import ProfilerActivity, profile
+
+import zoo  # noqa: F401  (registers resnet18_cifar and mobilenetv2_cifar with timm)
 from zoo.training.allocator import keep_freed_memory
 from zoo.training.gradient_denoising import GradientDenoising
 from zoo.training.objectives import Classification
-
-import zoo  # noqa: F401  (registers resnet18_cifar and mobilenetv2_cifar with timm)
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 IMAGE_SIZE, NUM_CLASSES = 32, 100

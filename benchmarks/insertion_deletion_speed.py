@@ -24,17 +24,14 @@ import argparse
 import time
 from pathlib import Path
 
-import matplotlib
+import timm
+import torch
+from matplotlib.figure import Figure
+from measure import device_name, save_run, timed
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from measure import device_name, save_run, timed  # noqa: E402
-from zoo.evaluation.metrics.curves import PROTOCOLS, area_under_curve, blur, perturbation_curves  # noqa: E402
-from zoo.evaluation.saliency import explain  # noqa: E402
-
-from zoo.data.photo import photo_crops  # noqa: E402
+from zoo.data.photo import photo_crops
+from zoo.evaluation.metrics.curves import PROTOCOLS, area_under_curve, blur, perturbation_curves
+from zoo.evaluation.saliency import explain
 
 FULL = ["resnet18:released:8", "resnet50:released:4", "resnet18:thesis:1"]
 QUICK = ["resnet18:released:2", "resnet18:thesis:1"]
@@ -152,14 +149,14 @@ def main(argv=None):
     print(table)
     labels = [f"{r['model']}\n{r['protocol']}" for r in rows]
     positions = torch.arange(len(rows)).tolist()
-    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(rows), 3.8))
+    fig = Figure(figsize=(1.5 + 1.6 * len(rows), 3.8))
+    ax = fig.subplots()
     ax.bar([p - 0.2 for p in positions], [r["ours_images_per_s"] for r in rows], 0.4, label="ours (batched)")
     ax.bar([p + 0.2 for p in positions], [r["loop_images_per_s"] for r in rows], 0.4, label="per-image, per-step loop")
     ax.set_xticks(positions, labels, fontsize=8)
     ax.set_ylabel("images / s (insertion + deletion)")
     ax.set_title(f"Insertion + deletion speed {setting}", fontsize=8)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     save_run(args.out, "insertion_deletion_speed", dict(setting=setting, rows=rows), table, fig)
     return rows
 

@@ -5,6 +5,9 @@ import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+
+from zoo.evaluation.figures import save
 
 __all__ = ["device_name", "save_run", "timed"]
 
@@ -25,9 +28,10 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
 
 
-def save_run(out: Path, name: str, results: dict, table: str | None = None, figure=None) -> Path:
+def save_run(out: Path, name: str, results: dict, table: str | None = None, figure: Figure | None = None) -> Path:
     """One benchmark run written into ``out`` as ``<name>-<date-time>.json``, with ``.md`` for a Markdown
-    ``table`` and ``.png`` for a matplotlib ``figure``, beside the earlier runs and never over one; the stem."""
+    ``table`` and ``.png`` for a ``figure`` (laid out by ``zoo.evaluation.figures.save``), beside the earlier runs
+    and never over one; the stem."""
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     for count in range(1, 1000):
@@ -40,7 +44,6 @@ def save_run(out: Path, name: str, results: dict, table: str | None = None, figu
         written.append(stem.with_suffix(".md"))
         written[-1].write_text(table + "\n")
     if figure is not None:
-        written.append(stem.with_suffix(".png"))
-        figure.savefig(written[-1], dpi=110)
+        written.append(save(figure, stem.with_suffix(".png"), dpi=110))
     print("wrote " + ", ".join(str(path) for path in written))
     return stem

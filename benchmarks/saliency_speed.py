@@ -22,22 +22,20 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's per-image progress bars
 
-import matplotlib  # noqa: E402
+import numpy as np
+import timm
+import torch
+from matplotlib.figure import Figure
+from measure import device_name, save_run, timed
+from pytorch_grad_cam import GradCAM, ScoreCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from measure import device_name, save_run, timed  # noqa: E402
-from pytorch_grad_cam import GradCAM, ScoreCAM  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-from zoo.evaluation.metrics import average_drop, average_gain, average_increase  # noqa: E402
-from zoo.evaluation.saliency import default_layer, explain, mask_images, pixel_statistics  # noqa: E402
-from zoo.evaluation.saliency.core import normalise_per_image  # noqa: E402
-from zoo.evaluation.saliency.opticam import combine, mask_of  # noqa: E402
-
-from zoo.data.photo import photo_crops  # noqa: E402
+from zoo.data.photo import photo_crops
+from zoo.evaluation.metrics import increased, relative_drop, relative_gain
+from zoo.evaluation.saliency import default_layer, explain, mask_images, pixel_statistics
+from zoo.evaluation.saliency.core import normalise_per_image
+from zoo.evaluation.saliency.opticam import combine, mask_of
+from zoo.metrics import METRICS, reported_value
 
 REFERENCES = {"gradcam": GradCAM, "scorecam": ScoreCAM}
 # (method, model, batch, image size): Score-CAM runs one forward per channel, so it gets smaller images
@@ -102,11 +100,12 @@ def straightforward_opticam(model, image, target, layer, iterations, lr, mean, s
 
 
 def interpretability(model, images, maps, targets, mean, std):
-    """AD, AG, AI of maps [B, H, W] in [0, 1] (SPEC §5), probabilities of the target class."""
+    """AD, AG, AI of maps [B, H, W] in [0, 1] (thesis eq. 1.10, 2.8, 1.11), probabilities of the target class."""
     with torch.no_grad():
         p = model(images).softmax(1).gather(1, targets[:, None]).squeeze(1)
         o = model(mask_images(images, maps, mean, std)).softmax(1).gather(1, targets[:, None]).squeeze(1)
-    return dict(AD=average_drop(p, o).item(), AG=average_gain(p, o).item(), AI=average_increase(p, o).item())
+    return {key: reported_value(METRICS[key], per_image(p, o))
+            for key, per_image in (("AD", relative_drop), ("AG", relative_gain), ("AI", increased))}
 
 
 def opticam_comparison(arch, count, size, iterations, device, amp_dtype):
@@ -194,13 +193,13 @@ def main(argv=None):
             bars.append((f"{r['method']} {amp_dtype}\n{r['model']} b{r['batch']}", r["speedup_amp"]))
     bars += [(f"opticam\n{r['run']}", r["speedup_vs_loop"]) for r in opticam_rows[:-1]]
     labels, speedups = zip(*bars, strict=True)
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(labels), 3.8))
+    fig = Figure(figsize=(1.2 + 1.1 * len(labels), 3.8))
+    ax = fig.subplots()
     ax.bar(range(len(labels)), speedups)
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("speed-up (reference time / ours)")
     ax.set_title(f"Saliency speed {setting}", fontsize=8)
-    fig.tight_layout()
     save_run(args.out, "saliency_speed", dict(setting=setting, cams=cam_rows, opticam=opticam_rows), table, fig)
 
 

@@ -19,17 +19,14 @@ import argparse
 import time
 from pathlib import Path
 
-import matplotlib
+import timm
+import torch
+from measure import device_name, save_run, timed
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from measure import device_name, save_run, timed  # noqa: E402
-from zoo.evaluation.saliency import default_layer, explain  # noqa: E402
-
-from zoo.data.photo import photo_crops  # noqa: E402
-from zoo.models.cost import gflops  # noqa: E402
+from zoo.data.photo import photo_crops
+from zoo.evaluation.figures import grid
+from zoo.evaluation.saliency import default_layer, explain
+from zoo.models.cost import gflops
 
 # the thesis' T / 8: seconds per image on a GPU (Table 2.1 for ResNet-50, Table 2.2 for ViT-B)
 THESIS = {("opticam", "resnet50"): 4.15 / 8, ("opticam", "vit_base_patch16_224"): 16.05 / 8,
@@ -138,7 +135,8 @@ def main(argv=None):
 
     table = markdown(setting, rows)
     print(table)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    figure, axes = grid(1, 1, cell=(5.5, 3.6))
+    ax = axes[0, 0]
     labels = [f"{method}\n{size} px" for method, size, _, _ in runs]
     for offset, arch in ((-0.2, models[0]), (0.2, models[1])):
         seconds = [r["s_per_image"] for r in rows if r["model"] == arch]
@@ -147,8 +145,7 @@ def main(argv=None):
     ax.set_ylabel("seconds per image")
     ax.set_title(f"Saliency on a ViT and a CNN {setting}", fontsize=8)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_run(args.out, "saliency_transformer_speed", dict(setting=setting, rows=rows), table, fig)
+    save_run(args.out, "saliency_transformer_speed", dict(setting=setting, rows=rows), table, figure)
 
 
 if __name__ == "__main__":

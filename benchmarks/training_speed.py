@@ -20,22 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
+import timm
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from measure import device_name, save_run, timed
+from timm.data import resolve_data_config
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from measure import device_name, save_run, timed  # noqa: E402
-from timm.data import resolve_data_config  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from zoo.training.config import load_recipe  # noqa: E402
-from zoo.training.objectives import model_logits  # noqa: E402
-from zoo.training.train import build_datasets, build_loaders  # noqa: E402
-
-import zoo  # noqa: E402, F401
-from zoo.data.photo import photo  # noqa: E402
+import zoo  # noqa: F401
+from zoo.data.photo import photo
+from zoo.training.config import load_recipe
+from zoo.training.objectives import model_logits
+from zoo.training.train import build_datasets, build_loaders
 
 
 def step_seconds(model, optimizer, x, labels, device) -> float:
@@ -127,7 +124,8 @@ def main(argv=None):
     for row in loading:
         print(f"  {row['workers']} worker processes: {row['img_per_s']:.1f} images/s")
 
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(steps), 3.5))
+    fig = Figure(figsize=(2 + 1.6 * len(steps), 3.5))
+    ax = fig.subplots()
     labels = [f"{row['model'].removesuffix('_castream')}\n{kind}" for row in steps for kind in ("stream", "finetune")]
     values = [row[f"{kind}_img_per_s"] for row in steps for kind in ("stream", "finetune")]
     ax.bar(labels, values, color=["tab:blue", "tab:gray"] * len(steps))
@@ -137,7 +135,6 @@ def main(argv=None):
     ax.set_ylabel("training images / s")
     ax.set_title(setting, fontsize=8)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     save_run(args.out, "training_speed", dict(setting=setting, steps=steps, loading=loading), figure=fig)
 
 

@@ -22,54 +22,39 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-import matplotlib
+import timm
+import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from timm.data import resolve_data_config
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from timm.data import resolve_data_config  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import zoo  # noqa: F401  (registers the zoo's models)
+from zoo.data import DATASETS, build_dataset, collate
+from zoo.data.transforms import eval_transform
+from zoo.hub import load_model, sha256, weights_file
+from zoo.metrics import METRICS, RECOGNITION, Metric, recognition, reported_value, tables
+from zoo.output import logits_of
 
-import zoo  # noqa: E402, F401  (registers the zoo's models)
-from zoo.data import DATASETS, build_dataset, collate  # noqa: E402
-from zoo.data.transforms import eval_transform  # noqa: E402
-from zoo.hub import load_model, sha256, weights_file  # noqa: E402
-from zoo.metrics import recognition  # noqa: E402
-from zoo.output import logits_of  # noqa: E402
-
-from .metrics import (  # noqa: E402
-    DEFAULT_PROTOCOL,
-    PROTOCOLS,
-    adcc,
-    average_drop,
-    average_gain,
-    average_increase,
-    box_accuracy,
-    coherency,
-    complexity,
-    energy_pointing_game,
-    insertion_deletion,
-    localisation_error,
-    max_box_accuracy,
-    official_metric,
-    pixel_f1,
-    pointing_game,
-    relative_drop,
-    saliency_metric,
-    target_probabilities,
-)
-from .saliency import METHODS, check_options, explain, mask_images, pixel_statistics  # noqa: E402
+from .figures import grid, overlay, save, show
+from .metrics import DEFAULT_PROTOCOL, PROTOCOLS, perturbation_curves, target_probabilities
+from .saliency import METHODS, check_options, explain, mask_images, pixel_statistics
 
 BOX_BASELINES = ("box", "box_complement")  # thesis Table 2.5: the ground truth itself as a saliency map
 EXAMPLES = 6  # images shown per method in examples.png
 
 
-METRICS = ("faithfulness", "curves", "adcc", "localisation")  # AD/AG/AI, insertion/deletion, ADCC, Table 2.6
+def metric_groups() -> list[str]:
+    """The ``--metrics`` groups: those of the registry's interpretability metrics, in declaration order."""
+    return list(dict.fromkeys(metric.group for metric in METRICS.values() if metric.group != RECOGNITION))
+
+
+def box_groups() -> set[str]:
+    """The groups measured on explanations with a ground-truth box: those with a metric that needs the boxes. Their
+    other metrics (SM) leave the other explanations out too, so that a column group is measured on one set."""
+    return {metric.group for metric in METRICS.values() if "boxes" in metric.needs}
 
 
 @dataclass
@@ -97,11 +82,22 @@ class Protocol:
 
     def key(self) -> str:
         """The run's name: a hash of every field, with the weights' content (``weights_sha256``) where known in
-        place of their path, so new weights at the same path are a new run."""
+        place of their path, so new weights at the same path are a new run, and with the keys of the metrics its
+        groups resolve to, under which the cached batches hold per-image values in natural units: a metric added
+        to a group, or a run cached before this convention, is another run."""
         fields = asdict(self)
         if self.weights_sha256 is not None:
             del fields["weights"]
+        fields["metric_keys"] = [metric.key for metric in METRICS.values() if metric.group in self.metrics]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def measured(protocol: Protocol, method: str, multi_label: bool, num_classes: int) -> list[Metric]:
+    """The metrics ``evaluate_batch`` computes for ``method``: those of the protocol's groups defined for the
+    dataset's labels, except, for a box baseline, those that explain the masked image again (a box cannot)."""
+    return [metric for metric in METRICS.values() if metric.group in protocol.metrics
+            and metric.applies(multi_label, num_classes)
+            and not (method in BOX_BASELINES and "maps_of_masked" in metric.needs)]
 
 
 def explained_classes(labels: torch.Tensor, logits: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,10 +138,11 @@ def _check_finite(values: torch.Tensor, index: torch.Tensor, protocol: Protocol,
 
 
 def evaluate_batch(model, images: torch.Tensor, target: dict, index: torch.Tensor, protocol: Protocol,
-                   metrics: set[str], keep_examples: bool) -> dict[str, torch.Tensor]:
+                   keep_examples: bool) -> dict[str, torch.Tensor]:
     """Per-image results of one batch (the dataset's images ``index``) for every method: ``image/...`` per
-    image, ``row/...`` per explanation, ``time/<method>`` seconds, ``example/...`` maps of the first images
-    (batch 0 only). Non-finite images or model outputs are refused, naming the images."""
+    image, ``row/...`` per explanation (``row/<method>/<metric key>``: the values of each metric ``measured``,
+    in natural units), ``time/<method>`` seconds, ``example/...`` maps of the first images (batch 0 only). Only
+    the inputs those metrics need are computed. Non-finite images or model outputs are refused, naming the images."""
     _check_finite(images, index, protocol, "{images} are not finite after preprocessing (NaN or Inf pixels): "
                                            "check the data config's mean and std")
     mean, std = pixel_statistics(model, images)
@@ -155,55 +152,45 @@ def evaluate_batch(model, images: torch.Tensor, target: dict, index: torch.Tenso
     labels = target["label"].to(images.device)
     rows, classes = explained_classes(labels, logits, protocol.targets)
     explained = images[rows]
+    p = target_probabilities(logits[rows], classes)
     record = {"image/index": index, "image/logits": logits, "image/labels": labels, "row/rows": rows,
-              "row/classes": classes, "row/p": target_probabilities(logits[rows], classes)}
-    boxes = None
-    if "localisation" in metrics or set(protocol.methods) & set(BOX_BASELINES):
+              "row/classes": classes, "row/p": p}
+    shared = {"p": p, "labels": labels[rows], "predictions": logits.argmax(1)[rows]}
+    on_boxes = bool(box_groups() & set(protocol.metrics))
+    if on_boxes or set(protocol.methods) & set(BOX_BASELINES):
         truth, boxes = box_maps(target["boxes"], target["box_labels"], rows.cpu(), classes.cpu(), images.shape[-2:])
         truth = truth.to(images.device)
         localised = truth.flatten(1).any(1)  # a box left inside the crop
-    if "localisation" in metrics:
+    if on_boxes:  # an explanation without a box is measured against the whole image, then left out by summarise
         record["row/localised"] = localised
+        whole = torch.tensor([[0.0, 0.0, images.shape[-1], images.shape[-2]]])
+        shared["boxes"] = [box if keep else whole for box, keep in zip(boxes, localised.tolist(), strict=True)]
     if keep_examples:
         record["example/images"] = (explained[:EXAMPLES] * std + mean).clamp(0, 1)
     for method in protocol.methods:
+        metrics = measured(protocol, method, labels.ndim == 2, logits.shape[1])
+        needs = {name for metric in metrics for name in metric.needs}
+        options = protocol.method_options.get(method, {})
         start = time.perf_counter()
         if method in BOX_BASELINES:
             maps = truth if method == "box" else 1 - truth
         else:
-            maps = explain(model, explained, method, classes, **protocol.method_options.get(method, {}))
+            maps = explain(model, explained, method, classes, **options)
         record[f"time/{method}"] = torch.tensor(time.perf_counter() - start)
-        masked = mask_images(explained, maps, mean, std)
-        with torch.no_grad():
-            record[f"row/{method}/o"] = target_probabilities(logits_of(model(masked)), classes)
-        if "curves" in metrics:
-            scores = insertion_deletion(model, explained, maps, classes, protocol.curves)
-            record[f"row/{method}/insertion"], record[f"row/{method}/deletion"] = scores
-        if "adcc" in metrics and method not in BOX_BASELINES:
-            again = explain(model, masked, method, classes, **protocol.method_options.get(method, {}))
-            drop = relative_drop(record["row/p"], record[f"row/{method}/o"])
-            record[f"row/{method}/adcc"] = adcc(drop, coherency(maps, again), complexity(maps))
-        if "localisation" in metrics:
-            record.update(localisation(maps, boxes, localised, logits.argmax(1)[rows], labels[rows], record["row/p"],
-                                       prefix=f"row/{method}/"))
+        inputs = {**shared, "maps": maps}
+        if needs & {"o", "maps_of_masked"}:
+            masked = mask_images(explained, maps, mean, std)
+        if "o" in needs:
+            with torch.no_grad():
+                inputs["o"] = target_probabilities(logits_of(model(masked)), classes)
+        if "maps_of_masked" in needs:
+            inputs["maps_of_masked"] = explain(model, masked, method, classes, **options)
+        if "curves" in needs:
+            inputs["curves"] = perturbation_curves(model, explained, maps, classes, protocol.curves)
+        record.update({f"row/{method}/{metric.key}": metric.values(inputs) for metric in metrics})
         if keep_examples:
             record[f"example/{method}"] = maps[:EXAMPLES]
     return {key: value.detach().cpu().clone(memory_format=torch.contiguous_format) for key, value in record.items()}
-
-
-def localisation(maps, boxes, localised, predictions, labels, p, prefix: str) -> dict[str, torch.Tensor]:
-    """Per-explanation localisation values (thesis Table 2.6); OM only for single-label datasets. An
-    explanation without a box inside the crop (``localised`` False) gets NaN: it takes no part in them (it is
-    measured against the whole image, so that every value keeps one row per explanation, then left out)."""
-    whole = maps.new_tensor([[0, 0, maps.shape[2], maps.shape[1]]])
-    boxes = [box if keep else whole for box, keep in zip(boxes, localised.tolist(), strict=True)]
-    values = {"LE": localisation_error(maps, boxes), "F1": pixel_f1(maps, boxes), "SP": pointing_game(maps, boxes),
-              "EP": energy_pointing_game(maps, boxes), "SM": saliency_metric(maps, p),
-              "BA": box_accuracy(maps, boxes)}
-    if labels.ndim == 1:
-        values["OM"] = official_metric(maps, boxes, predictions, labels)
-    return {prefix + name: torch.where(localised.view(-1, *[1] * (value.ndim - 1)), value, torch.nan)
-            for name, value in values.items()}
 
 
 def _concatenated(records: list[dict], prefix: str) -> dict[str, torch.Tensor]:
@@ -212,28 +199,24 @@ def _concatenated(records: list[dict], prefix: str) -> dict[str, torch.Tensor]:
 
 
 def summarise(records: list[dict], protocol: Protocol) -> dict:
-    """Dataset-level results from the per-batch records: the means the thesis' tables print. Localisation
-    metrics leave out the explanations without a box inside the crop: ``excluded_from_localisation`` counts
-    them and names their images."""
+    """Dataset-level results from the per-batch records: every metric's ``reported_value``, as the thesis' tables
+    print them. The groups measured on boxes (``box_groups``) leave out the explanations without a box inside the
+    crop: ``excluded_from_localisation`` counts them and names their images."""
     images, rows = _concatenated(records, "image/"), _concatenated(records, "row/")
     localised = rows.get("localised")
-    logits, labels = images["logits"], images["labels"]
+    on_boxes = box_groups()
     methods = {}
     for method in protocol.methods:
-        o = rows[f"{method}/o"]
-        result = {"AD": average_drop(rows["p"], o), "AG": average_gain(rows["p"], o),
-                  "AI": average_increase(rows["p"], o)}
-        for name, key in (("I", "insertion"), ("D", "deletion"), ("ADCC", "adcc")):
-            if f"{method}/{key}" in rows:
-                result[name] = 100 * rows[f"{method}/{key}"].mean()
-        for name in ("OM", "LE", "F1", "SP", "EP", "SM", "BA"):
-            if f"{method}/{name}" in rows and localised.any():
-                values = rows[f"{method}/{name}"][localised]
-                result[name] = max_box_accuracy(values) if name == "BA" else values.mean()
-        result["seconds_per_image"] = sum(record[f"time/{method}"] for record in records) / len(labels)
-        methods[method] = {name: float(value) for name, value in result.items()}
-    summary = {"images": len(labels), "explanations": len(rows["p"]), "recognition": recognition(logits, labels),
-               "methods": methods}
+        result = {}
+        for metric in METRICS.values():
+            values = rows.get(f"{method}/{metric.key}")
+            included = localised if metric.group in on_boxes else None
+            if values is not None and (included is None or included.any()):
+                result[metric.key] = reported_value(metric, values, included)
+        result["seconds_per_image"] = float(sum(record[f"time/{method}"] for record in records) / len(images["labels"]))
+        methods[method] = result
+    summary = {"images": len(images["labels"]), "explanations": len(rows["p"]),
+               "recognition": recognition(images["logits"], images["labels"]), "methods": methods}
     if localised is not None:
         excluded = {i for record in records
                     for i in record["image/index"][record["row/rows"]][~record["row/localised"]].tolist()}
@@ -241,10 +224,10 @@ def summarise(records: list[dict], protocol: Protocol) -> dict:
     return summary
 
 
-COLUMNS = {  # the thesis' table columns: name, better when (lower/higher), heading
-    "faithfulness": [("AD", "↓"), ("AG", "↑"), ("AI", "↑"), ("I", "↑"), ("D", "↓"), ("ADCC", "↑")],
-    "localisation": [("OM", "↓"), ("LE", "↓"), ("F1", "↑"), ("BA", "↑"), ("SP", "↑"), ("EP", "↑"), ("SM", "↓")],
-}
+def result_tables() -> dict[str, list[Metric]]:
+    """The thesis' tables of a run's interpretability results (faithfulness, localisation): their columns, from the
+    registry's declarations."""
+    return {title: columns for title, columns in tables().items() if title != RECOGNITION}
 
 
 PER_BATCH = 8  # the thesis' T: seconds per batch of 8 images (Tables 2.1, 2.2)
@@ -263,9 +246,9 @@ def comparison(results: list[dict], by_model: bool = False) -> str:
     faithfulness group with T, seconds per batch of 8 images)."""
     lines = []
     methods = dict.fromkeys(method for result in results for method in result["methods"])
-    for title, columns in COLUMNS.items():
-        present = [(name, arrow) for name, arrow in columns
-                   if any(name in values for result in results for values in result["methods"].values())]
+    for title, columns in result_tables().items():
+        present = [(metric.key, metric.arrow) for metric in columns
+                   if any(metric.key in values for result in results for values in result["methods"].values())]
         if not present:
             continue
         lines += ["", f"## {title.capitalize()}", ""]
@@ -303,9 +286,9 @@ def markdown(summary: dict, protocol: Protocol) -> str:
     lines = [f"# {protocol.model} on {protocol.dataset} ({protocol.split}, {summary['images']} images)", "",
              f"Recognition: {recognition}. Explained class: {protocol.targets}; insertion/deletion preset: "
              f"{protocol.curves}. Measured by this run (interpretable-zoo harness), protocol {protocol.key()}."]
-    for title, columns in COLUMNS.items():
-        present = [(name, arrow) for name, arrow in columns
-                   if any(name in result for result in summary["methods"].values())]
+    for title, columns in result_tables().items():
+        present = [(metric.key, metric.arrow) for metric in columns
+                   if any(metric.key in result for result in summary["methods"].values())]
         if not present:
             continue
         lines += ["", f"## {title.capitalize()}", "",
@@ -324,23 +307,15 @@ def markdown(summary: dict, protocol: Protocol) -> str:
 
 def examples_figure(record: dict, methods: list[str], path: Path) -> None:
     """The first images of the run, each method's map overlaid (one row per method)."""
-    images = record["example/images"].permute(0, 2, 3, 1).numpy()
-    fig, axes = plt.subplots(len(methods) + 1, len(images), figsize=(1.8 * len(images), 1.9 * (len(methods) + 1)),
-                             squeeze=False)
+    images = record["example/images"].permute(0, 2, 3, 1)
+    figure, axes = grid(len(methods) + 1, len(images), cell=(1.8, 1.9))
     for column, image in enumerate(images):
-        axes[0, column].imshow(image)
+        show(axes[0, column], image)
         for row, method in enumerate(methods, start=1):
-            axes[row, column].imshow(image)
-            axes[row, column].imshow(record[f"example/{method}"][column].numpy(), cmap="jet", alpha=0.5,
-                                     vmin=0, vmax=1)
+            overlay(axes[row, column], image, record[f"example/{method}"][column])
     for row, title in enumerate(["image", *methods]):
         axes[row, 0].set_ylabel(title, fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(figure, path)
 
 
 def check_run(protocol: Protocol, dataset, workers: int) -> None:
@@ -357,6 +332,22 @@ def check_run(protocol: Protocol, dataset, workers: int) -> None:
             check_options(method, protocol.method_options.get(method, {}))
 
 
+def _missing(record: dict, indices: list[int], protocol: Protocol) -> list[str]:
+    """What a finished batch of the images ``indices`` holds and ``record`` lacks: the images' and explanations'
+    keys, every method's time and ``measured`` metrics, in the first batch the examples."""
+    needed = ["image/index", "image/logits", "image/labels", "row/rows", "row/classes", "row/p",
+              *(f"time/{method}" for method in protocol.methods),
+              *(["example/images", *(f"example/{method}" for method in protocol.methods)] if indices[0] == 0 else [])]
+    missing = [key for key in needed if key not in record]
+    if missing:
+        return missing
+    multi_label, num_classes = record["image/labels"].ndim == 2, record["image/logits"].shape[1]
+    needed = [*(["row/localised"] if box_groups() & set(protocol.metrics) else []),
+              *(f"row/{method}/{metric.key}" for method in protocol.methods
+                for metric in measured(protocol, method, multi_label, num_classes))]
+    return [key for key in needed if key not in record]
+
+
 def cached(path: Path, indices: list[int], protocol: Protocol) -> bool:
     """Whether ``path`` holds the finished batch of the images ``indices``: complete safetensors with every
     method's results for those images (and, in the first batch, the examples). A damaged file is named in a
@@ -368,11 +359,7 @@ def cached(path: Path, indices: list[int], protocol: Protocol) -> bool:
     except (SafetensorError, OSError) as error:
         damage = f"not complete safetensors: {' '.join(str(error).split())}"
     else:
-        needed = ["image/index", "image/logits", "image/labels", "row/rows", "row/classes", "row/p",
-                  *(key for method in protocol.methods for key in (f"time/{method}", f"row/{method}/o")),
-                  *(["example/images", *(f"example/{method}" for method in protocol.methods)] if indices[0] == 0
-                    else [])]
-        missing = [key for key in needed if key not in record]
+        missing = _missing(record, indices, protocol)
         if missing:
             damage = f"without {', '.join(missing)}"
         elif record["image/index"].tolist() != indices:
@@ -441,7 +428,7 @@ def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, worker
     for k, (images, target) in zip(todo, tqdm(loader, desc=f"{protocol.model} batches", disable=not main),
                                    strict=True):
         record = evaluate_batch(model, images.to(accelerator.device), target, torch.tensor(batches[k]), protocol,
-                                set(protocol.metrics), keep_examples=k == 0)
+                                keep_examples=k == 0)
         write_atomically(batches_dir / f"{k:06d}.safetensors", partial(save_file, record))
     accelerator.wait_for_everyone()
     if main:
@@ -494,7 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", help=f"saliency methods ({', '.join(sorted(METHODS))}) and the "
                                                      f"ground-truth baselines {', '.join(BOX_BASELINES)}")
     parser.add_argument("--option", action="append", type=_option, default=[], metavar="METHOD.OPTION=VALUE")
-    parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
+    parser.add_argument("--metrics", nargs="+", default=metric_groups(), choices=metric_groups(),
+                        help="groups of metrics (default: all)")
     parser.add_argument("--targets", choices=("ground-truth", "predicted"), default="ground-truth")
     parser.add_argument("--curves", choices=sorted(PROTOCOLS), default=DEFAULT_PROTOCOL,
                         help="insertion/deletion preset (default: %(default)s)")
@@ -511,7 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     split = args.split or next(s for s in reader.splits if s != "train")
     dataset = build_dataset(args.dataset, args.data_root, split)
     has_boxes = len(dataset) > 0 and len(dataset.load(0)[1]["boxes"]) > 0
-    metrics = [m for m in args.metrics if m != "localisation" or has_boxes]
+    without_boxes = [group for group in args.metrics if group in box_groups() and not has_boxes]
+    metrics = [group for group in args.metrics if group not in without_boxes]
     methods = args.methods or ["gradcam", "gradcampp", "fakecam"]
     unknown = [m for m in methods if m not in METHODS and m not in BOX_BASELINES]
     if unknown:
@@ -537,8 +526,8 @@ def main(argv: list[str] | None = None) -> None:
         check_run(protocol, dataset, args.workers)
     except ValueError as error:
         parser.error(str(error))
-    if accelerator.is_main_process and "localisation" in args.metrics and not has_boxes:
-        print(f"{args.dataset} has no ground-truth boxes: localisation metrics are not computed")
+    if accelerator.is_main_process and without_boxes:
+        print(f"{args.dataset} has no ground-truth boxes: {', '.join(without_boxes)} metrics are not computed")
     run_dir = run(protocol, dataset, args.out, accelerator, args.workers)
     if accelerator.is_main_process:
         print((run_dir / "results.md").read_text())

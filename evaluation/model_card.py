@@ -31,16 +31,17 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from zoo.evaluation.thesis_tables import TABLE_3_1, TABLE_3_2, TABLE_3_3, TABLE_4_1
 
 import zoo
+from zoo.evaluation.thesis_tables import TABLE_3_1, TABLE_3_2, TABLE_3_3, TABLE_4_1
 from zoo.hub import CONFIG_FILE, hub_id, read_config
+from zoo.metrics import METRICS, RECOGNITION, Metric, tables
 from zoo.models.cost import parameter_count
 
-from .harness import COLUMNS
+from . import metrics as _declared  # noqa: F401  (registers the interpretability metrics the tables show)
 
-__all__ = ["BIBTEX", "CARDS_DIR", "CARD_MARKER", "METRICS", "add_results", "check_replaceable", "create_card_folder",
-           "inside", "main", "regenerate", "safe_name", "thesis_rows", "write_card"]
+__all__ = ["BIBTEX", "CARDS_DIR", "CARD_MARKER", "add_results", "check_replaceable", "create_card_folder", "inside",
+           "main", "regenerate", "safe_name", "thesis_rows", "write_card"]
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 CARD_MARKER = ".zoo-card"  # in every folder zoo-card or zoo-publish created: the only non-empty folders they replace
@@ -89,18 +90,7 @@ def dataset_names(dataset: str) -> tuple[str, str]:
     """(Hub dataset id, display name) of a harness dataset."""
     return DATASETS.get(dataset, (dataset, dataset))
 
-# results.json key -> (model-index metric type, readable name); keys not listed keep their own name
-RECOGNITION = {"top1": ("accuracy", "top-1 accuracy"), "top5": ("top_5_accuracy", "top-5 accuracy"),
-               "mAP": ("mean_average_precision", "mAP")}
-METRICS = {
-    **RECOGNITION,
-    "AD": ("average_drop", "average drop"), "AG": ("average_gain", "average gain"),
-    "AI": ("average_increase", "average increase"), "I": ("insertion", "insertion AUC"),
-    "D": ("deletion", "deletion AUC"), "ADCC": ("adcc", "ADCC"), "OM": ("official_metric", "official metric"),
-    "LE": ("localisation_error", "localisation error"), "F1": ("pixel_f1", "pixel-wise F1"),
-    "BA": ("max_box_accuracy", "MaxBoxAcc"), "SP": ("pointing_game", "pointing game"),
-    "EP": ("energy_pointing_game", "energy pointing game"), "SM": ("saliency_metric", "saliency metric"),
-}
+
 UNREPORTED = ("seconds_per_image",)  # depends on the machine, not on the checkpoint: kept in the results file only
 
 METHOD_NAMES = {
@@ -316,6 +306,13 @@ def read_results(folder: Path, info: ModelInfo) -> list[Stored]:
             for path in sorted((folder / "results").glob("*.json"))]
 
 
+def _index_names(key: str) -> tuple[str, str]:
+    """(model-index metric type, readable name) of a results file's key, from its declaration; a key the registry
+    does not know keeps its own name."""
+    metric = METRICS.get(key)
+    return (key, key) if metric is None else (metric.index_type, metric.name)
+
+
 def eval_results(stored: list[Stored]) -> list[EvalResult]:
     """One model-index entry per number of every results file (timings excepted)."""
     entries = []
@@ -325,12 +322,12 @@ def eval_results(stored: list[Stored]) -> list[EvalResult]:
         common = dict(task_type="image-classification", dataset_type=dataset_id, dataset_name=dataset_name,
                       dataset_split=protocol["split"], metric_args={"results": item.path})
         for key, value in item.results["recognition"].items():
-            kind, name = METRICS.get(key, (key, key))
+            kind, name = _index_names(key)
             entries.append(EvalResult(**common, metric_type=kind, metric_name=name, metric_value=value))
         for method, values in item.results["methods"].items():
             for key, value in values.items():
                 if key not in UNREPORTED:
-                    kind, name = METRICS.get(key, (key, key))
+                    kind, name = _index_names(key)
                     entries.append(EvalResult(**common, metric_type=kind, metric_value=value, metric_config=method,
                                               metric_name=f"{name} ({METHOD_NAMES.get(method, method)})"))
     return entries
@@ -340,32 +337,35 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def _cells(values: dict, columns: list[str]) -> list[str]:
-    return [f"{values[c]:.2f}" if c in values else "-" for c in columns]
+def _cells(values: dict, columns: list[Metric]) -> list[str]:
+    return [f"{values[metric.key]:.2f}" if metric.key in values else "-" for metric in columns]
 
 
 def _dataset_section(name: str, dataset: str, stored: list[Stored]) -> list[str]:
-    """Recognition and interpretability tables on one dataset: the thesis' rows, then ours."""
-    tables, thesis = thesis_rows(name, dataset)
+    """Recognition and interpretability tables on one dataset, laid out as the registry declares them: the thesis'
+    rows, then ours."""
+    cited, thesis = thesis_rows(name, dataset)
     sources = [(f"thesis (paper's figure): {label}", row.get("methods", {}), row) for label, row in thesis]
     sources += [(item.label, item.results["methods"], item.results["recognition"]) for item in stored]
     lines = [f"### {dataset_names(dataset)[1]}", ""]
     if thesis:
-        lines += [f"Rows marked *thesis* are the paper's own figures ({tables} of the thesis), not measured on these "
+        lines += [f"Rows marked *thesis* are the paper's own figures ({cited} of the thesis), not measured on these "
                   "weights" + ("; rows marked *ours* come from the results file they name." if stored else "."), ""]
-    columns = [key for key in RECOGNITION if any(key in recognition for _, _, recognition in sources)]
-    lines += _table(["source", *(RECOGNITION[c][1] for c in columns)],
+    laid_out = tables()
+    columns = [metric for metric in laid_out.pop(RECOGNITION)
+               if any(metric.key in recognition for _, _, recognition in sources)]
+    lines += _table(["source", *(metric.name for metric in columns)],
                     [[label, *_cells(recognition, columns)] for label, _, recognition in sources]) + [""]
     methods = list(dict.fromkeys(m for _, by_method, _ in sources for m in by_method))
-    for title, spec in COLUMNS.items():
-        present = [(c, arrow) for c, arrow in spec if any(c in values for _, by_method, _ in sources
-                                                           for values in by_method.values())]
-        rows = [[METHOD_NAMES.get(m, m), label, *_cells(by_method[m], [c for c, _ in present])]
+    for title, spec in laid_out.items():
+        present = [metric for metric in spec if any(metric.key in values for _, by_method, _ in sources
+                                                     for values in by_method.values())]
+        rows = [[METHOD_NAMES.get(m, m), label, *_cells(by_method[m], present)]
                 for m in methods for label, by_method, _ in sources if m in by_method
-                and any(c in by_method[m] for c, _ in present)]
+                and any(metric.key in by_method[m] for metric in present)]
         if rows:
             lines += [f"{title.capitalize()} (↑: higher is better, ↓: lower):", ""]
-            lines += _table(["method", "source", *(f"{c}{arrow}" for c, arrow in present)], rows) + [""]
+            lines += _table(["method", "source", *(f"{metric.key}{metric.arrow}" for metric in present)], rows) + [""]
     return lines
 
 

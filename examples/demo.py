@@ -1,6 +1,6 @@
-"""The whole product on real images, offline, on a laptop CPU: ``make demo`` (or ``zoo-demo``).
+"""The whole product on real images, offline, on a laptop CPU: ``make demo``, or
 
-    zoo-demo [--out results/demo] [--quick]
+    python examples/demo.py [--out results/demo] [--quick] [--data FOLDER]
 
 Data -> GAP baseline -> CA-Stream -> gradient denoising -> evaluation -> model cards -> reload through timm
 -> figures, on Fashion-MNIST (the Debian package ``dataset-fashion-mnist``, installed with apt when it is
@@ -8,7 +8,9 @@ missing and apt is at hand; torchvision's download otherwise):
 
 1. a ResNet-18 of quarter width with GAP (dilated last stage: output stride 16, so a 6x6 last map at 96 px) is
    trained from scratch on single-item canvases (``fashion-canvas``: an item among clutter, exact box), then a
-   CA-Stream is trained on top of it, backbone frozen, with the training recipes' loop;
+   CA-Stream is trained on top of it, backbone frozen, with the training recipes' loop (``runs/gap`` and
+   ``runs/castream`` in ``--out``; ``experiments/castream_attention.py`` retrains the latter's recipe at other
+   learning rates);
 2. ``resnet18_cifar`` (quarter width) is trained on Fashion-MNIST at 32 px without and with gradient denoising
    (cosine, lambda 7.5e-3, thesis ch. 4);
 3. the harness evaluates each: accuracy; AD / AG / AI / insertion / deletion for Grad-CAM, Grad-CAM++,
@@ -20,39 +22,31 @@ missing and apt is at hand; torchvision's download otherwise):
    ``saliency_baseline_vs_denoised.png`` and ``metrics.png`` are written into ``--out``.
 
 Every stage is resumable: a finished training run or evaluation in ``--out`` is reused, never redone or
-overwritten. ``--quick`` runs a much smaller version of the same pipeline (for the tests).
+overwritten. ``--quick`` runs a much smaller version of the same pipeline (for the tests). The demo uses only the
+library's public API.
 """
 
 import argparse
 import json
 import math
-import os
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import timm
+import torch
+from accelerate import Accelerator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from zoo.evaluation import publish  # noqa: E402
-from zoo.evaluation.harness import Protocol, run  # noqa: E402
-from zoo.evaluation.saliency import explain  # noqa: E402
-from zoo.training.config import Recipe  # noqa: E402
-from zoo.training.train import train  # noqa: E402
-
-import zoo  # noqa: E402, F401
-from zoo.data import FASHION_MNIST_DEBIAN_DIR, build_dataset  # noqa: E402
-from zoo.data.transforms import eval_transform  # noqa: E402
-from zoo.hub import hub_id, read_config  # noqa: E402
-
-__all__ = ["SCALES", "Scale", "fashion_mnist", "main", "train_stream"]
+import zoo  # noqa: F401  (registers the zoo's models with timm)
+from zoo.data import box_share, build_dataset, find_fashion_mnist, first_images
+from zoo.evaluation import publish
+from zoo.evaluation.figures import grid, overlay, pixels, save, show
+from zoo.evaluation.harness import Protocol, run
+from zoo.evaluation.saliency import explain
+from zoo.hub import hub_id, read_config
+from zoo.metrics import METRICS, RECOGNITION, tables
+from zoo.training.config import Recipe
+from zoo.training.train import train
 
 
 @dataclass(frozen=True)
@@ -85,25 +79,7 @@ GD_WEIGHT = 7.5e-3  # the thesis' lambda for ResNet-18 (Table 4.1)
 # measured by experiments/castream_attention.py).
 STREAM_LR = 1e-3
 SHOWN = 6  # images per figure
-
-
-def fashion_mnist(folder: Path | None) -> tuple[str, dict]:
-    """(root, canvas options) of Fashion-MNIST: ``folder`` of idx files if given, else the Debian package's files,
-    installed with apt when missing and possible, else torchvision's copy, downloaded once into ``data/``."""
-    if folder is not None:
-        return str(folder), {"source": "idx"}
-    if not (FASHION_MNIST_DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz").exists() and shutil.which("apt-get"):
-        command = ["apt-get", "install", "-y", "dataset-fashion-mnist"]
-        if os.geteuid() != 0 and shutil.which("sudo"):
-            command = ["sudo", "-n", *command]
-        print(f"Fashion-MNIST is missing: {' '.join(command)}")
-        subprocess.run(command, check=False)
-    if (FASHION_MNIST_DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz").exists():
-        return str(FASHION_MNIST_DEBIAN_DIR), {"source": "idx"}
-    print("Fashion-MNIST through torchvision (downloaded into data/ once)")
-    build_dataset("fashion-mnist", "data", "train", download=True)
-    build_dataset("fashion-mnist", "data", "test", download=True)
-    return "data", {"source": "torchvision"}
+CHARTED = ("AD", "AG", "I", "D")  # the metrics of metrics.png
 
 
 def train_stage(out: Path, name: str, **settings) -> Path:
@@ -123,18 +99,11 @@ def common_settings(scale: Scale) -> dict:
                 lr=0.05, milestones=[], data_config={"crop_pct": 1.0})
 
 
-def canvas_settings(scale: Scale, root: str, source: dict) -> dict:
-    """Recipe settings of the stages trained on the canvases (the GAP baseline and the stream)."""
+def canvas_settings(scale: Scale, root: str, canvas: dict) -> dict:
+    """Recipe settings of the stages trained on the canvases (the GAP baseline and the stream); ``canvas``: the
+    canvases' dataset options."""
     return dict(common_settings(scale), dataset="fashion-canvas", data_root=root, val_split="test",
-                dataset_options={**source, "size": scale.canvas}, augmentation="cifar", image_size=scale.canvas,
-                weight_decay=1e-4)
-
-
-def train_stream(out: Path, name: str, scale: Scale, root: str, source: dict, gap: Path, lr: float = STREAM_LR) -> Path:
-    """A CA-Stream trained on the frozen GAP model in the folder ``gap``, as the demo trains it; its model folder."""
-    return train_stage(out, name, model="resnet18_castream", model_args=GAP_BACKBONE, weights=str(gap),
-                       freeze_backbone=True, epochs=scale.epochs_stream, **{**canvas_settings(scale, root, source),
-                                                                             "lr": lr})
+                dataset_options=canvas, augmentation="cifar", image_size=scale.canvas, weight_decay=1e-4)
 
 
 def evaluate_stage(out: Path, model_dir: Path, dataset: str, root: str, options: dict, scale: Scale,
@@ -164,7 +133,7 @@ def publish_and_reload(out: Path, model_dir: Path, results: Path, dataset: str, 
         publish.main([str(model_dir), hub_id(name), "--results", str(results), "--out", str(hub_dir), "--dry-run"])
     reloaded, saved = (timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
                        for folder in (hub_dir, model_dir))
-    images, _ = batch_of(dataset, root, options, config, SHOWN)
+    images, _ = first_images(dataset, root, config["pretrained_cfg"], SHOWN, **options)
     with torch.no_grad():
         identical = all(torch.equal(a, b) for a, b in zip(reloaded(images), saved(images), strict=True))
     if not identical:
@@ -172,78 +141,41 @@ def publish_and_reload(out: Path, model_dir: Path, results: Path, dataset: str, 
     return {"hub_folder": str(hub_dir), "card": str(hub_dir / "README.md"), "reloaded_identical": identical}
 
 
-def batch_of(dataset: str, root: str, options: dict, config: dict, count: int):
-    """The first ``count`` test images, preprocessed with the checkpoint's data config, and their targets."""
-    data = build_dataset(dataset, root, "test", eval_transform(config["pretrained_cfg"]), **options)
-    samples = [data[i] for i in range(count)]
-    return torch.stack([image for image, _ in samples]), [target for _, target in samples]
-
-
-def shown_pixels(images: torch.Tensor, config: dict) -> torch.Tensor:
-    """Preprocessed images back in [0, 1], [B, H, W, 3], for display."""
-    mean, std = (torch.tensor(config["pretrained_cfg"][k])[:, None, None] for k in ("mean", "std"))
-    return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
-
-
 def saliency_grid(columns: dict[str, tuple[Path, str]], dataset: str, root: str, options: dict, path: Path,
                   title: str) -> None:
     """One row per test image: the image (with its box), then each column's map (model folder, method)."""
-    first = read_config(next(iter(columns.values()))[0])
-    images, targets = batch_of(dataset, root, options, first, SHOWN)
-    shown = shown_pixels(images, first)
-    fig, axes = plt.subplots(SHOWN, len(columns) + 1, figsize=(1.9 * (len(columns) + 1), 1.9 * SHOWN), squeeze=False)
+    data_config = read_config(next(iter(columns.values()))[0])["pretrained_cfg"]
+    images, targets = first_images(dataset, root, data_config, SHOWN, **options)
     maps = {}
     for heading, (model_dir, method) in columns.items():
         model = timm.create_model(f"local-dir:{model_dir}", pretrained=True).eval()
         maps[heading] = explain(model, images, method)
-    for row, (image, target) in enumerate(zip(shown, targets, strict=True)):
-        axes[row, 0].imshow(image)
-        for x1, y1, x2, y2 in target["boxes"].tolist():
-            axes[row, 0].add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, color="lime"))
+    figure, axes = grid(SHOWN, len(columns) + 1)
+    for row, (image, target) in enumerate(zip(pixels(images, data_config), targets, strict=True)):
+        show(axes[row, 0], image, target["boxes"])
         for column, heading in enumerate(maps, start=1):
-            axes[row, column].imshow(image)
-            axes[row, column].imshow(maps[heading][row].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            overlay(axes[row, column], image, maps[heading][row])
     for column, heading in enumerate(["image", *maps]):
         axes[0, column].set_title(heading, fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    figure.suptitle(title, fontsize=9)
+    save(figure, path)
 
 
 def metrics_chart(models: dict[str, dict], path: Path) -> None:
     """AD, AG, insertion and deletion of every method of every model, as grouped bars."""
-    metrics = [("AD", "AD (lower is better)"), ("AG", "AG (higher)"), ("I", "insertion (higher)"),
-               ("D", "deletion (lower)")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4), squeeze=False)
+    metrics = [METRICS[key] for key in CHARTED]
+    figure, axes = grid(1, len(metrics), cell=(4.2, 4))
     labels = [f"{model}\n{method}" for model, entry in models.items() for method in entry["methods"]]
-    for ax, (key, title) in zip(axes[0], metrics, strict=True):
-        values = [entry["methods"][method].get(key, float("nan")) for entry in models.values()
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        values = [entry["methods"][method].get(metric.key, float("nan")) for entry in models.values()
                   for method in entry["methods"]]
         colors = [f"C{i}" for i, entry in enumerate(models.values()) for _ in entry["methods"]]
         ax.barh(range(len(values)), values, color=colors)
-        ax.set_yticks(range(len(values)), labels if ax is axes[0][0] else [""] * len(values), fontsize=6)
+        ax.set_yticks(range(len(values)), labels if ax is axes[0, 0] else [""] * len(values), fontsize=6)
         ax.invert_yaxis()
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def chance_pointing(dataset: str, root: str, options: dict, count: int) -> float:
-    """Pointing-game chance level (%): the mean share of the image its ground-truth box covers, i.e. the hit rate
-    of a point drawn uniformly at random."""
-    data = build_dataset(dataset, root, "test", **options)
-    shares = []
-    for index in range(count):
-        image, target = data.load(index)
-        width, height = image.size
-        x1, y1, x2, y2 = target["boxes"][0].tolist()
-        shares.append((x2 - x1) * (y2 - y1) / (width * height))
-    return 100 * sum(shares) / len(shares)
+        ax.set_title(f"{metric.key}: {metric.name} ({'higher' if metric.higher_is_better else 'lower'} is better)",
+                     fontsize=9)
+    save(figure, path)
 
 
 def localisation_bar(pointing: float, chance: float, images: int) -> dict:
@@ -262,11 +194,12 @@ def markdown(summary: dict) -> str:
         lines += [f"## {model}", "", f"{entry['description']}. Test images: {entry['images']}; {recognition}. "
                   f"Results: `{entry['results']}`. Hub folder: `{entry['hub_folder']}` (reloaded through timm: "
                   f"{'identical outputs' if entry['reloaded_identical'] else 'DIFFERENT outputs'}).", ""]
-        columns = [c for c in ("AD", "AG", "AI", "I", "D", "SP", "EP", "BA") if any(
-            c in m for m in entry["methods"].values())]
-        lines += ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        lines += [f"| {method} | " + " | ".join(f"{values[c]:.2f}" if c in values else "-" for c in columns) + " |"
-                  for method, values in entry["methods"].items()]
+        columns = [metric for table, metrics in tables().items() if table != RECOGNITION for metric in metrics
+                   if any(metric.key in values for values in entry["methods"].values())]
+        lines += ["| method | " + " | ".join(f"{metric.key}{metric.arrow}" for metric in columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {method} | " + " | ".join(f"{values[m.key]:.2f}" if m.key in values else "-" for m in columns)
+                  + " |" for method, values in entry["methods"].items()]
         lines.append("")
     bar = summary["attention_localises"]
     lines += [f"Pointing-game chance level on these canvases (mean share of the image covered by the box): "
@@ -279,8 +212,7 @@ def markdown(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="zoo-demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/demo"))
     parser.add_argument("--quick", action="store_true", help="a much smaller run of the same pipeline (~1 min)")
     parser.add_argument("--data", type=Path, help="a folder of Fashion-MNIST idx files (default: the Debian package's)")
@@ -290,12 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    root, source = fashion_mnist(args.data)
-    canvas = {**source, "size": scale.canvas}
-    plain = "fashion-mnist-idx" if source["source"] == "idx" else "fashion-mnist"
+    files = find_fashion_mnist(args.data)
+    root, plain, canvas = files.root, files.dataset, {"source": files.source, "size": scale.canvas}
     gap = train_stage(out, "gap", model="resnet18", model_args=GAP_BACKBONE, epochs=scale.epochs_gap,
-                      **{**canvas_settings(scale, root, source), "milestones": [max(scale.epochs_gap - 2, 1)]})
-    stream = train_stream(out, "castream", scale, root, source, gap)
+                      **{**canvas_settings(scale, root, canvas), "milestones": [max(scale.epochs_gap - 2, 1)]})
+    stream = train_stage(out, "castream", model="resnet18_castream", model_args=GAP_BACKBONE, weights=str(gap),
+                         freeze_backbone=True, epochs=scale.epochs_stream,
+                         **{**canvas_settings(scale, root, canvas), "lr": STREAM_LR})
     cifar = dict(model="resnet18_cifar", model_args=CIFAR_WIDTHS, dataset=plain, data_root=root, val_split="test",
                  augmentation="cifar", epochs=scale.epochs_cifar, weight_decay=5e-4, objective="gradient_denoising",
                  **common_settings(scale))
@@ -332,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                   plain, root, {}, out / "saliency_baseline_vs_denoised.png",
                   "resnet18_cifar without and with gradient denoising (Fashion-MNIST test images)")
     metrics_chart(models, out / "metrics.png")
-    chance = chance_pointing("fashion-canvas", root, canvas, scale.eval_images)
+    chance = 100 * box_share(build_dataset("fashion-canvas", root, "test", **canvas), scale.eval_images)
     summary = {"scale": scale_name, "settings": scale.__dict__, "machine": _machine(),
                "minutes": (time.perf_counter() - start) / 60,
                "attention_localises": localisation_bar(models["castream"]["methods"]["attention"]["SP"], chance,

@@ -12,21 +12,18 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from timm.data import create_transform, resolve_data_config  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from zoo.evaluation import thesis_tables  # noqa: E402
-
-import zoo  # noqa: E402
-from zoo.data.photo import photo  # noqa: E402
-from zoo.models.cost import gflops, parameter_count  # noqa: E402
+import zoo
+from zoo.data.photo import photo
+from zoo.evaluation import thesis_tables
+from zoo.evaluation.figures import grid, overlay, pixels, save, show
+from zoo.evaluation.saliency import normalise_per_image
+from zoo.models.cost import gflops, parameter_count
 
 
 def measure(name: str, img_size: int) -> dict:
@@ -72,8 +69,7 @@ def stage_attentions(name: str, image: Image.Image, img_size: int, pretrained: b
     config = resolve_data_config(dict(input_size=(3, img_size, img_size)), model=model)
     x = create_transform(**config)(image).unsqueeze(0)
     attentions = model.forward_stream(x).attentions
-    shown = x[0] * torch.tensor(config["std"])[:, None, None] + torch.tensor(config["mean"])[:, None, None]
-    return shown.clamp(0, 1).permute(1, 2, 0).numpy(), dict(enumerate(attentions, start=model.stream_start))
+    return pixels(x, config)[0], dict(enumerate(attentions, start=model.stream_start))
 
 
 def saliency_figure(names: list[str], img_size: int, pretrained: bool, path: Path) -> None:
@@ -81,22 +77,18 @@ def saliency_figure(names: list[str], img_size: int, pretrained: bool, path: Pat
     image = photo()
     results = {name: stage_attentions(name, image, img_size, pretrained) for name in tqdm(names, desc="saliency")}
     columns = 1 + max(len(maps) for _, maps in results.values())
-    fig, axes = plt.subplots(len(names), columns, figsize=(2.2 * columns, 2.3 * len(names)), squeeze=False)
+    figure, axes = grid(len(names), columns, cell=(2.2, 2.3))
     for row, (name, (shown, maps)) in zip(axes, results.items(), strict=True):
-        row[0].imshow(shown)
+        show(row[0], shown)
         row[0].set_title(name, fontsize=8, loc="left")
         for ax in row:
             ax.axis("off")
         for ax, (stage, attention) in zip(row[columns - len(maps):], maps.items(), strict=True):
-            upsampled = F.interpolate(attention[:, None], size=shown.shape[:2], mode="bilinear", align_corners=False)
-            ax.imshow(shown)
-            ax.imshow(upsampled[0, 0].numpy(), cmap="jet", alpha=0.5)
+            overlay(ax, shown, normalise_per_image(attention, shown.shape[:2])[0])
             ax.set_title(f"stage {stage}, {attention.shape[-2]}x{attention.shape[-1]}", fontsize=8)
     weights = "pretrained weights" if pretrained else "random initialisation: the mechanism, not learned evidence"
-    fig.suptitle(f"CA-Stream built-in saliency: each stage's attention, own colour scale ({weights})", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figure.suptitle(f"CA-Stream built-in saliency: each stage's attention, own colour scale ({weights})", fontsize=10)
+    save(figure, path, dpi=110, rect=(0, 0, 1, 0.97))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,9 +2,14 @@
 rates on one frozen GAP model (the demo's), every stage's attention scored with the pointing game.
 
     python experiments/castream_attention.py [--gap results/demo/runs/gap/model] [--lrs 0.1 0.01 0.003 0.001]
+        [--images 300] [--data FOLDER] [--out results/castream_attention]
 
-Each stream is trained exactly as ``zoo-demo`` trains its own (``evaluation.demo.train_stream``), only the lr
-differs, into ``--out/runs/lr<lr>`` (a finished run is reused). Then, on ``--images`` test canvases:
+Each stream is trained with the recipe the demo (``make demo``) trained its own stream with: the ``recipe.json`` of
+the demo's run ``castream``, beside the run of the GAP model ``--gap`` (``runs/gap/model``). Only the lr differs;
+the run's name and folder become ``--out/runs/lr<lr>`` (a finished run is reused), the GAP model's path is
+``--gap`` as given here and, with ``--data``, the Fashion-MNIST files are read from there. So the streams see the
+demo's data, scale (``--quick`` or not), seed and every other setting. Then, on ``--images`` test canvases of
+that recipe:
 
 - every stage's attention: standard pointing game (eq. 1.21, the map upsampled to the canvas), normalised
   entropy (1 = uniform) and mean maximum, beside the validation top-1 of the run's last epoch;
@@ -18,25 +23,45 @@ import argparse
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
-import matplotlib
+import timm
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from zoo.evaluation.demo import SCALES, batch_of, chance_pointing, fashion_mnist, train_stream  # noqa: E402
-from zoo.evaluation.metrics import pointing_game  # noqa: E402
-from zoo.evaluation.saliency.core import normalise_per_image  # noqa: E402
+import zoo  # noqa: F401  (registers the zoo's models with timm)
+from zoo.data import box_share, build_dataset, find_fashion_mnist, first_images
+from zoo.evaluation.figures import grid, save
+from zoo.evaluation.metrics import pointing_game
+from zoo.evaluation.saliency import normalise_per_image
+from zoo.hub import read_config
+from zoo.metrics import METRICS, reported_value
+from zoo.training.config import Recipe
+from zoo.training.train import train
 
-import zoo  # noqa: E402, F401
-from zoo.hub import read_config  # noqa: E402
+DEMO_STREAM_RUN = "castream"  # the demo's run of its stream, in the same runs/ folder as its GAP model's run
+
+
+def demo_stream_recipe(gap: Path) -> Recipe:
+    """The recipe of the demo's stream run beside the run of the GAP model folder ``gap``."""
+    path = gap.parent.parent / DEMO_STREAM_RUN / "recipe.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: --gap must be the model of a demo's GAP run (runs/gap/model), whose "
+                         f"stream run runs/{DEMO_STREAM_RUN} holds the recipe the streams are trained with")
+    return Recipe(**json.loads(path.read_text()))
+
+
+def trained(recipe: Recipe) -> Path:
+    """The model folder of ``recipe``'s run, trained unless the run finished already."""
+    status = Path(recipe.output_dir) / "status.json"
+    if not (status.exists() and json.loads(status.read_text())["state"] == "finished"):
+        return train(recipe)
+    return status.parent / "model"
 
 
 def scored_canvases(model_dir: Path, root: str, options: dict, count: int):
     """The first ``count`` test canvases preprocessed for the model, their boxes [count, 4] and labels."""
-    images, targets = batch_of("fashion-canvas", root, options, read_config(model_dir), count)
+    images, targets = first_images("fashion-canvas", root, read_config(model_dir)["pretrained_cfg"], count, **options)
     return images, torch.stack([t["boxes"][0] for t in targets]), torch.tensor([t["label"] for t in targets])
 
 
@@ -51,7 +76,7 @@ def attention_by_stage(model_dir: Path, images: torch.Tensor, boxes: torch.Tenso
         entropy = -(flat * flat.clamp_min(1e-12).log()).sum(1) / math.log(flat.shape[1])
         maps = normalise_per_image(attention, images.shape[-2:])
         rows.append({"stage": stage, "grid": list(attention.shape[-2:]),
-                     "SP": pointing_game(maps, list(boxes[:, None])).mean().item(),
+                     "SP": reported_value(METRICS["SP"], pointing_game(maps, list(boxes[:, None]))),
                      "entropy": entropy.mean().item(), "max": flat.amax(1).mean().item()})
     return rows
 
@@ -105,35 +130,39 @@ def main(argv: list[str] | None = None) -> None:
                         help="the GAP model folder the demo trained")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.01, 0.003, 0.001])
     parser.add_argument("--images", type=int, default=300, help="test canvases scored")
-    parser.add_argument("--data", type=Path, help="a folder of Fashion-MNIST idx files (default: the demo's)")
+    parser.add_argument("--data", type=Path,
+                        help="a folder of Fashion-MNIST idx files (default: the files the demo's runs read)")
     parser.add_argument("--out", type=Path, default=Path("results/castream_attention"))
-    parser.add_argument("--quick", action="store_true", help="the demo's --quick scale (for the tests)")
     args = parser.parse_args(argv)
     if not (args.gap / "config.json").exists():
         raise SystemExit(f"{args.gap} holds no model: run `make demo` first or pass --gap")
-    scale = SCALES["quick" if args.quick else "full"]
-    root, source = fashion_mnist(args.data)
-    options = {**source, "size": scale.canvas}
-    images, boxes, labels = scored_canvases(args.gap, root, options, args.images)
+    demo = demo_stream_recipe(args.gap)
+    if args.data is not None:
+        files = find_fashion_mnist(args.data)
+        demo = replace(demo, data_root=files.root, dataset_options={**demo.dataset_options, "source": files.source})
+    images, boxes, labels = scored_canvases(args.gap, demo.data_root, demo.dataset_options, args.images)
     runs = []
     for lr in args.lrs:
-        model_dir = train_stream(args.out, f"lr{lr:g}", scale, root, source, args.gap, lr=lr)
+        name = f"lr{lr:g}"
+        model_dir = trained(replace(demo, name=name, output_dir=str(args.out / "runs" / name), lr=lr,
+                                    weights=str(args.gap)))
         runs.append({"lr": lr, "val_top1": last_validation(model_dir),
                      "stages": attention_by_stage(model_dir, images, boxes)})
+    canvases = build_dataset("fashion-canvas", demo.data_root, "test", **demo.dataset_options)
     results = {"gap": str(args.gap), "images": args.images, "runs": runs,
-               "chance": chance_pointing("fashion-canvas", root, options, args.images),
+               "chance": 100 * box_share(canvases, args.images),
                "probe": classifier_probe(args.gap, images, boxes, labels)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(markdown(results))
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    figure, axes = grid(1, 1, cell=(6, 3.6))
+    ax = axes[0, 0]
     for stage in range(len(runs[0]["stages"])):
         ax.plot([r["lr"] for r in runs], [r["stages"][stage]["SP"] for r in runs], marker="o", label=f"stage {stage}")
     ax.axhline(results["chance"], color="gray", linestyle="--", label="chance")
     ax.set(xscale="log", xlabel="stream learning rate", ylabel="pointing game (%)",
            title="CA-Stream attention on the demo's canvases")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(args.out / "attention_by_lr.png", dpi=110)
+    save(figure, args.out / "attention_by_lr.png", dpi=110)
     print(markdown(results))
     print(f"wrote {args.out}/results.json, results.md and attention_by_lr.png")
 

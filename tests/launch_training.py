@@ -12,6 +12,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 from safetensors.torch import save_file
+
 from zoo.training import train
 
 

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+
 from zoo.training import allocator
 
 # a fresh process: allocates, writes and frees a 64 MB block (above glibc's largest mmap threshold), then prints

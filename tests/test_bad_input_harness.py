@@ -14,15 +14,15 @@ import torch
 from accelerate import Accelerator
 from data_layouts import CubImage, make_cub
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_harness import CUB_TEST, FAST, run, scores
 from timm.models import save_for_hf
+
+from zoo.data import build_dataset
 from zoo.evaluation import harness
 from zoo.evaluation.harness import Protocol, main
 from zoo.evaluation.harness import run as run_protocol
 from zoo.evaluation.saliency import METHODS, explain
-
-from zoo.data import build_dataset
 from zoo.hub import add_to_hf_cache, sha256, weights_file
 
 CUB_SIZE = (500, 333)  # a typical CUB photograph: at 224 px timm's centre crop cuts ~100 px off each side
@@ -109,12 +109,20 @@ def overwrite_with_batch_0(path):
     path.write_bytes((path.parent / "000000.safetensors").read_bytes())
 
 
+def without_a_metric(path):
+    """The batch as a run that did not compute AD (or cached it under another key) would have left it."""
+    record = load_file(path)
+    del record["row/gradcam/AD"]
+    save_file(record, path)
+
+
 DAMAGES = {  # a bad-input table: what can happen to a cached batch
     "truncated": truncate,
     "not safetensors": lambda path: path.write_bytes(b"\x00" * 64),
     "empty": lambda path: path.write_bytes(b""),
     "another batch's images": overwrite_with_batch_0,
     "without a method's results": lambda path: save_file({"image/index": torch.tensor([2, 3])}, path),
+    "without a metric's values": without_a_metric,
 }
 
 

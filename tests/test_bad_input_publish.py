@@ -8,6 +8,7 @@ import re
 import pytest
 from test_model_cards import write_results
 from test_publish import REPO, results_of, save_checkpoint
+
 from zoo.evaluation import model_card, publish
 from zoo.evaluation.model_card import CARDS_DIR
 

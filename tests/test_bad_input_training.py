@@ -22,9 +22,11 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-import zoo.training.train
 from data_layouts import CubImage, make_cub, make_image_folder
 from test_training import QUICK, SMALL_BACKBONE, state
+
+import zoo.training.run_folder
+import zoo.training.train
 from zoo.training.config import load_recipe
 from zoo.training.train import train
 
@@ -202,7 +204,7 @@ def test_a_kill_between_the_metrics_row_and_its_checkpoint_logs_the_epoch_once(d
         raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(zoo.training.train.RunFolder, "save_checkpoint", killed)  # the end of epoch 1, row written
+        patch.setattr(zoo.training.run_folder.RunFolder, "save_checkpoint", killed)  # the end of epoch 1, row written
         with pytest.raises(Killed):
             train(recipe, cpu=True)
     assert [row["epoch"] for row in rows(tmp_path / "run")] == [1]
@@ -313,6 +315,12 @@ BAD_VALUES = [  # (how the value is given, the setting, the value as the message
     ("cli", "workers=-1", "workers", "-1"),
     ("cli", "seed=-1", "seed", "-1"),
     ("cli", "gd_error=\"l3\"", "gd_error", "'l3'"),
+    ("cli", "optimizer=\"adamx\"", "optimizer", "'adamx'"),
+    ("cli", "optimizer_args={\"betas\": [0.9, 0.99]}", "optimizer_args", "{'betas': [0.9, 0.99]}"),  # not SGD's
+    ("yaml", "optimizer_args: [adamw]", "optimizer_args", "['adamw']"),
+    ("cli", "schedule=\"plateau\"", "schedule", "'plateau'"),
+    ("cli", "schedule_args={\"min_lr\": 0.1}", "schedule_args", "{'min_lr': 0.1}"),  # timm's, not milestones'
+    ("yaml", "schedule: cosine\nschedule_args: {min_lrr: 0.1}", "schedule_args", "{'min_lrr': 0.1}"),
 ]
 
 

@@ -193,6 +193,7 @@ def test_contribution_map_needs_eval_mode():
     (torch.randn(3, SIZE, SIZE), r"got a 3-D tensor of shape \(3, 64, 64\) \(a single image\?"),
     (torch.randn(2, 1, SIZE, SIZE), "expects 3 input channels, got 1"),
     (torch.randn(2, 3, 24, SIZE), "input 24x64 is too small for .*: its last stage has stride 32"),
+    (torch.zeros(2, 3, SIZE, SIZE, dtype=torch.uint8), "expects a floating-point image batch, got torch.uint8"),
 ])
 def test_bad_input_is_named(family, bad, message):
     with pytest.raises(ValueError, match=message):

@@ -3,9 +3,9 @@
 import pytest
 import timm
 import torch
-from zoo.evaluation import thesis_tables
 
 import zoo
+from zoo.evaluation import thesis_tables
 from zoo.models.cost import gflops, parameter_count
 
 THESIS_MODELS = sorted(thesis_tables.TABLE_3_3)
@@ -41,7 +41,8 @@ def test_parameter_counts_match_table_3_3(name):
 
 
 def test_stream_parameters_follow_the_closed_form():
-    # d_0 + sum_l (d_l d_{l+1} + d_{l+1}) with d_{L+1} = d_L (SPEC §1)
+    # the query q_0, then a linear layer with bias per stage (thesis eq. 3.3, 3.7): d_0 + sum_l (d_l d_{l+1} + d_{l+1}),
+    # with d_{L+1} = d_L
     widths = [64, 256, 512, 1024, 2048]
     out = widths[1:] + widths[-1:]
     expected = widths[0] + sum(d * e + e for d, e in zip(widths, out, strict=True))

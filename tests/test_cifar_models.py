@@ -6,12 +6,11 @@ import timm
 import torch
 import torchvision
 from captum.attr import GuidedBackprop
-from timm.models import save_for_hf
+from test_hub import assert_same_outputs, saved
 from torch import nn
-from zoo.evaluation.saliency import default_layer, explain
-from zoo.evaluation.saliency.core import normalise_per_image
 
 import zoo
+from zoo.evaluation.saliency import default_layer, explain, normalise_per_image
 from zoo.hub import add_to_hf_cache
 
 NAMES = ["resnet18_cifar", "mobilenetv2_cifar"]
@@ -191,18 +190,6 @@ def test_missing_weights_say_where_they_were_looked_for(tag):
         timm.create_model(tag, pretrained=True)
 
 
-def saved(model, folder, **model_args):
-    save_for_hf(model, folder, safe_serialization=True, model_args=model_args or None)
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
-    return folder
-
-
-def assert_same_outputs(a, b, x):
-    out_a, out_b = a.eval()(x), b.eval()(x)
-    assert torch.equal(out_a.logits, out_b.logits)
-    assert torch.equal(out_a.saliency, out_b.saliency)
-
-
 def test_hub_round_trip_offline(tmp_path):
     x = images()
     # a tag's own Hub id (this test's cache only; the missing-weights test uses the other tags)
@@ -227,6 +214,7 @@ def test_hub_round_trip_offline(tmp_path):
     (torch.randn(3, 32, 32), r"expects an image batch \[B, C, H, W\], got a 3-D tensor .*unsqueeze\(0\)"),
     (torch.randn(2, 1, 32, 32), "expects 3 input channels, got 1"),
     (torch.randn(2, 3, 32, 7), "input 32x7 is too small for .*_cifar: its last stage has stride 8"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "_cifar expects a floating-point image batch, got torch.uint8"),
 ])
 def test_bad_input_is_named(name, x, message):
     model = build(name)

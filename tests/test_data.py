@@ -17,12 +17,18 @@ from zoo.data import (
     VOC2012,
     VOC_CLASSES,
     FashionMNIST,
+    FashionMNISTFiles,
     FashionMNISTIdx,
     ImageFolderDataset,
+    box_share,
     build_dataset,
+    classification,
     collate,
+    find_fashion_mnist,
+    first_images,
     sanitize_boxes,
 )
+from zoo.data.transforms import eval_transform
 
 SPLITS = {"imagenet-folder": "val", "cub": "train", "voc": "train", "cifar100": "train", "fashion-mnist": "test",
           "fashion-mnist-idx": "test", "fashion-canvas": "test", "fashion-canvas-multi": "train"}  # fmt: skip
@@ -175,6 +181,50 @@ def test_fashion_mnist_idx_errors(tmp_path):
     (tmp_path / "train-images-idx3-ubyte").write_bytes((tmp_path / "train-images-idx3-ubyte").read_bytes()[:-1])
     with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: 1567 bytes of data for the shape \(2, 28, 28\)"):
         FashionMNISTIdx(tmp_path, "train")
+
+
+def test_find_fashion_mnist_in_a_folder_the_debian_package_or_torchvision(tmp_path, monkeypatch):
+    assert find_fashion_mnist(tmp_path / "given") == FashionMNISTFiles(str(tmp_path / "given"), "idx")
+    debian = tmp_path / "debian"
+    monkeypatch.setattr(classification, "FASHION_MNIST_DEBIAN_DIR", debian)
+    monkeypatch.setattr(classification.shutil, "which", lambda command: None)  # no apt here
+    downloaded = []
+    monkeypatch.setattr(classification, "FashionMNIST", lambda root, split, download: downloaded.append((root, split)))
+    files = find_fashion_mnist(download_root=tmp_path / "data")
+    assert files == (str(tmp_path / "data"), "torchvision") and files.dataset == "fashion-mnist"
+    assert downloaded == [(tmp_path / "data", "train"), (tmp_path / "data", "test")]
+    make_fashion_mnist(debian)
+    files = find_fashion_mnist()
+    assert files == (str(debian), "idx") and files.dataset == "fashion-mnist-idx"
+    assert len(build_dataset(files.dataset, files.root, "test")) == 4 and len(downloaded) == 2
+
+
+def test_first_images_are_preprocessed_for_the_data_config(tmp_path):
+    make_cub(tmp_path)
+    config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "mean": (0.5, 0.4, 0.3),
+              "std": (0.2, 0.3, 0.4)}
+    images, targets = first_images("cub", tmp_path, config, 2, split="train")
+    data = CUB200(tmp_path, "train", eval_transform(config))
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
+    for index in range(2):
+        image, target = data[index]
+        assert torch.equal(images[index], image) and torch.equal(targets[index]["boxes"], target["boxes"])
+    with pytest.raises(ValueError, match="count must be between 1 and the 3 samples of CUB200 train, got 4"):
+        first_images("cub", tmp_path, config, 4, split="train")
+
+
+def test_box_share_is_the_mean_share_of_the_image_its_box_covers(tmp_path):
+    make_cub(tmp_path)
+    data = CUB200(tmp_path, "train")  # images 1, 3, 4 of CUB_IMAGES, 96x64 each
+    shares = [48 * 32 / (96 * 64), 30 * 40 / (96 * 64), 20 * 20 / (96 * 64)]  # CUB boxes: x, y, width, height
+    assert box_share(data) == pytest.approx(sum(shares) / 3)
+    assert box_share(data, 2) == pytest.approx(sum(shares[:2]) / 2)
+    assert box_share(CUB200(tmp_path, "test")) == 1  # a box over the whole image
+    with pytest.raises(ValueError, match="count must be between 1 and the 3 samples"):
+        box_share(data, 0)
+    make_voc(tmp_path / "voc")
+    with pytest.raises(ValueError, match="sample 1 has 3 boxes: a box share needs exactly one per image"):
+        box_share(VOC2012(tmp_path / "voc", "train"))
 
 
 @pytest.mark.parametrize("name", DATASETS)

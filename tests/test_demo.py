@@ -1,4 +1,5 @@
-"""The end-to-end demo (``examples/demo.py --quick``) on Fashion-MNIST files laid out as the Debian package ships."""
+"""The end-to-end demo (``examples/demo.py --quick``) on Fashion-MNIST files laid out as the Debian package ships,
+and the experiment behind its stream's lr; both on the library's public API only."""
 
 import csv
 import json
@@ -43,7 +44,7 @@ def test_quick_demo_runs_end_to_end_and_its_summary_copies_the_results(tmp_path)
     # the experiment behind the demo's stream lr, on the quick demo's GAP model
     experiment = load_script("experiments/castream_attention.py")
     attention = tmp_path / "attention"
-    experiment["main"](["--quick", "--gap", str(out / "runs" / "gap" / "model"), "--lrs", "0.01", "0.001",
+    experiment["main"](["--gap", str(out / "runs" / "gap" / "model"), "--lrs", "0.01", "0.001",
                         "--images", "8", "--data", str(tmp_path / "fashion-mnist"), "--out", str(attention)])
     results = json.loads((attention / "results.json").read_text())
     assert [run["lr"] for run in results["runs"]] == [0.01, 0.001] and 0 < results["chance"] < 100
@@ -56,6 +57,13 @@ def test_quick_demo_runs_end_to_end_and_its_summary_copies_the_results(tmp_path)
     assert all(0 <= probe["top1"] <= 100 and probe["feature_norm"] >= 0 for probe in results["probe"].values())
     assert (attention / "attention_by_lr.png").stat().st_size > 0
     assert f"| 0.01 | {results['runs'][0]['val_top1']:.2f} |" in (attention / "results.md").read_text()
+    assert results["chance"] == bar["chance"]  # the same 8 test canvases
+    # the streams are trained with the demo's own stream recipe: only the lr (and the run's name and folder) differ
+    demo_recipe = json.loads((out / "runs" / "castream" / "recipe.json").read_text())
+    for lr in (0.01, 0.001):
+        run = attention / "runs" / f"lr{lr:g}"
+        recipe = json.loads((run / "recipe.json").read_text())
+        assert recipe == {**demo_recipe, "name": run.name, "output_dir": str(run), "lr": lr}
 
 
 def test_quality_bar_is_chance_plus_three_standard_errors():

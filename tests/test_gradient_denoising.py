@@ -11,6 +11,8 @@ from captum.attr import GuidedBackprop
 from torch import nn
 from torch.func import functional_call
 from torch.overrides import _get_current_function_mode_stack
+
+from zoo.guided import switchable_relu
 from zoo.training import double_backward
 from zoo.training.double_backward import lean_double_backward
 from zoo.training.gradient_denoising import (
@@ -23,8 +25,6 @@ from zoo.training.gradient_denoising import (
     mean_squared_error,
 )
 from zoo.training.objectives import classification_loss
-
-from zoo.guided import switchable_relu
 
 NUM_CLASSES = 5
 
@@ -320,6 +320,78 @@ def test_gradient_denoising_step_equals_the_one_through_torchs_own_layers(name, 
     assert len(recorded) == layers  # torch's own this time
     ours, theirs = torch.cat([g.flatten() for g in ours]), torch.cat([g.flatten() for g in theirs])
     assert (ours - theirs).norm() <= 1e-10 * theirs.norm()  # all at once, as above
+
+
+class Aten:
+    """``torch.ops.aten`` as another torch release might have it: the kernel ``name`` missing (``replacement``
+    None) or behaving as ``replacement``."""
+
+    def __init__(self, name: str, replacement=None):
+        self.name, self.replacement = name, replacement
+
+    def __getattr__(self, attribute):
+        if attribute != self.name:
+            return getattr(torch.ops.aten, attribute)
+        if self.replacement is None:
+            raise AttributeError(f"'_OpNamespace' 'aten' object has no attribute '{attribute}'")
+        return self.replacement
+
+
+def swapped_statistics(*args):
+    """``_batch_norm_impl_index`` returning the batch mean and 1 / std in each other's place."""
+    out, mean, rstd, *rest = torch.ops.aten._batch_norm_impl_index(*args)
+    return out, rstd, mean, *rest
+
+
+def doubled_weight_gradient(*args):
+    return tuple(None if g is None else 2 * g for g in torch.ops.aten.convolution_backward(*args))
+
+
+OTHER_KERNELS = {  # (kernel, how it differs, the layer that must fall back to torch's own)
+    "batch-norm backward missing": ("_batch_norm_impl_index_backward", None, "batch norm"),
+    "batch-norm statistics swapped": ("_batch_norm_impl_index", swapped_statistics, "batch norm"),
+    "convolution weight gradient doubled": ("convolution_backward", doubled_weight_gradient, "convolution"),
+}
+
+
+@pytest.fixture
+def fresh_kernel_checks():
+    """The private kernels checked afresh in the test, and again after it."""
+    double_backward._private_kernels_work.cache_clear()
+    yield
+    double_backward._private_kernels_work.cache_clear()
+
+
+@pytest.mark.parametrize("case", OTHER_KERNELS)
+def test_missing_or_changed_private_kernels_fall_back_to_torchs_layers_with_a_notice(case, monkeypatch,
+                                                                                    fresh_kernel_checks):
+    kernel, replacement, layer = OTHER_KERNELS[case]
+    monkeypatch.setattr(double_backward, "_aten", Aten(kernel, replacement))
+    nodes = {"convolution": double_backward._TransposableConv2d, "batch norm": double_backward._BatchNorm}
+    used = {name: [] for name in nodes}
+    for name, node in nodes.items():
+        monkeypatch.setattr(node, "apply", lambda *args, calls=used[name], apply=node.apply: calls.append(1) or apply(
+            *args))
+    torch.manual_seed(0)
+    model = TinyNet().train().double()  # float64: see above
+    images, labels = batch()
+    images = images.double()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.warns(RuntimeWarning) as warned:
+        ours = GradientDenoising(weight=1.0)(model, images, labels)
+        GradientDenoising(weight=1.0)(model, images, labels)  # checked once: no second notice
+    notices = [str(w.message) for w in warned if "gradient denoising differentiates" in str(w.message)]
+    assert len(notices) == 1 and "\n" not in notices[0], notices
+    assert kernel in notices[0] and f"torch's own {layer} layers" in notices[0]
+    assert not used[layer] and all(calls for name, calls in used.items() if name != layer)  # only that layer
+    ours_grads = parameter_grads(model, ours.loss)
+
+    model.load_state_dict(state)
+    theirs = GradientDenoising(weight=1.0, lean_double_backward=False)(model, images, labels)
+    theirs_grads = parameter_grads(model, theirs.loss)
+    assert ours.loss.item() == pytest.approx(theirs.loss.item(), rel=1e-12)
+    ours_grads, theirs_grads = (torch.cat([g.flatten() for g in grads]) for grads in (ours_grads, theirs_grads))
+    assert (ours_grads - theirs_grads).norm() <= 1e-10 * theirs_grads.norm()
 
 
 def test_error_functions_by_hand():

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from data_layouts import CubImage, make_cub, make_image_folder, make_voc
+
 from zoo.evaluation.harness import compare_main, main
 
 CUB_TEST = tuple(CubImage(1 + i % 3, False, (8 + 4 * i, 8, 40, 30 + 2 * i)) for i in range(5))

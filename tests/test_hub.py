@@ -6,7 +6,7 @@ import timm
 import torch
 from timm.models import save_for_hf
 
-from zoo.hub import add_to_hf_cache
+from zoo.hub import CheckpointError, add_to_hf_cache, checkpoint_mismatch, verify_checkpoint
 
 X = torch.randn(2, 3, 64, 64)
 
@@ -18,8 +18,8 @@ def saved(model, folder, **model_args):
     return folder
 
 
-def assert_same_outputs(a, b):
-    out_a, out_b = a.eval()(X), b.eval()(X)
+def assert_same_outputs(a, b, x=X):
+    out_a, out_b = a.eval()(x), b.eval()(x)
     assert torch.equal(out_a.logits, out_b.logits)
     assert torch.equal(out_a.saliency, out_b.saliency)
 
@@ -90,3 +90,26 @@ def test_missing_weights_say_where_they_were_looked_for():
     with pytest.raises(RuntimeError, match=r"(?s)no weights found for resnet50_castream at hf-hub:"
                        r"interpretable-zoo/resnet50_castream.in1k .*README's 'Weights'"):
         timm.create_model("resnet50_castream", pretrained=True)
+
+
+def test_checkpoint_mismatch_counts_and_names_the_keys_that_do_not_fit():
+    expected = {"a.weight": (2, 3), "a.bias": (2,), "bn.num_batches_tracked": (), "c": (1,), "d": (1,), "e": (1,),
+                "f": (1,)}
+    assert checkpoint_mismatch(expected, expected) == ""
+    assert checkpoint_mismatch({"a.weight": (2, 3), "a.bias": (2,), "c": (1,), "d": (1,), "e": (1,), "f": (1,)},
+                               expected) == ""  # BatchNorm counters may be missing
+    found = {"a.weight": (3, 3), "a.bias": (4,), "z": (1,)}
+    assert checkpoint_mismatch(found, expected) == (
+        "4 missing keys (e.g. c, d, e); 1 unexpected keys (e.g. z); "
+        "2 shape mismatches, checkpoint vs model (e.g. a.bias (4,) vs (2,), a.weight (3, 3) vs (2, 3))")
+    assert "shape mismatches" not in checkpoint_mismatch(found, expected, any_shape={"a.weight", "a.bias"})
+
+
+def test_a_checkpoint_of_another_class_count_is_refused_before_loading(tmp_path):
+    folder = saved(timm.create_model("resnet18_castream", num_classes=5), tmp_path)
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(config.replace('"num_classes": 5', '"num_classes": 3'))
+    with pytest.raises(CheckpointError, match=r"does not hold the resnet18_castream its config.json describes "
+                                              r"\(num_classes, model_args\): 2 shape mismatches, checkpoint vs model "
+                                              r"\(e.g. backbone.fc.bias \(5,\) vs \(3,\)"):
+        verify_checkpoint(folder)

@@ -2,6 +2,7 @@
 sees, against a straightforward per-image per-step loop, and against RISE's blur, torchcam and Quantus."""
 
 import importlib
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from references import MapsAsCAM
 from scipy.ndimage import gaussian_filter
+from scripts import run_script
 from torch import nn
+
 from zoo.evaluation.metrics.curves import (
     DEFAULT_PROTOCOL,
     PROTOCOLS,
@@ -231,7 +234,7 @@ def test_bad_inputs_are_named():
         perturbation_curves(net, images, torch.rand(2, 8, 6), [0, 1])
     bad = maps.clone()
     bad[1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match="maps hold NaN or Inf at 1 of 128"):
+    with pytest.raises(ValueError, match="maps holds NaN or Inf at 1 of 128"):
         perturbation_curves(net, images, bad, [0, 1])
     bad[1, 2, 3] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -246,7 +249,7 @@ def test_bad_inputs_are_named():
         perturbation_curves(net, images, maps, [-1, 0])
     with pytest.raises(ValueError, match="3 maps for 2 images"):
         perturbation_curves(net, images, torch.rand(3, 8, 8), [0, 1])
-    with pytest.raises(ValueError, match=r"maps must be a float tensor \[B, H, W\]"):
+    with pytest.raises(ValueError, match=r"maps must be a float tensor of maps \[N, H, W\]"):
         perturbation_curves(net, images, maps[:, None], [0, 1])
     with pytest.raises(ValueError, match=r"images must be a float tensor \[B, C, H, W\]"):
         perturbation_curves(net, images[0], maps, [0, 1])
@@ -299,16 +302,9 @@ def test_deletion_curve_matches_quantus_pixel_flipping(monkeypatch):
     torch.testing.assert_close(ours.deletion[:, 1:], torch.tensor(theirs, dtype=torch.float32), atol=1e-6, rtol=1e-5)
 
 
-def test_speed_benchmark_quick_run(tmp_path, monkeypatch):
-    import json
-    import runpy
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "insertion_deletion_speed.py"
-    argv = [script.name, "--quick", "--runs", "resnet18:released:2", "--device", "cpu", "--out", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(script), run_name="__main__")
+def test_speed_benchmark_quick_run(tmp_path):
+    run_script("benchmarks/insertion_deletion_speed.py",
+               ["--quick", "--runs", "resnet18:released:2", "--device", "cpu", "--out", str(tmp_path)])
     (json_file,) = tmp_path.glob("insertion_deletion_speed-*.json")
     (row,) = json.loads(json_file.read_text())["rows"]
     assert (row["model"], row["protocol"], row["images"], row["size"]) == ("resnet18", "released", 2, 32)

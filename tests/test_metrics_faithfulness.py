@@ -10,9 +10,11 @@ import torch
 from references import MapsAsCAM
 from scipy import stats
 from torch import nn
-from zoo.evaluation.metrics import average_drop, average_gain, average_increase
-from zoo.evaluation.metrics.faithfulness import adcc, coherency, complexity, relative_drop
+
+from zoo.evaluation.metrics.adcc import adcc, adcc_of_maps, coherency, complexity
+from zoo.evaluation.metrics.faithfulness import increased, relative_drop, relative_gain
 from zoo.evaluation.saliency import mask_images
+from zoo.metrics import METRICS, reported_value
 
 ON_IMAGE = torch.tensor([0.5, 0.8, 0.2, 0.4])
 ON_MASKED = torch.tensor([0.25, 0.8, 0.6, 0.1])
@@ -20,58 +22,60 @@ ON_MASKED = torch.tensor([0.25, 0.8, 0.6, 0.1])
 
 def test_average_drop_by_hand():
     # drops: 0.25/0.5 = 0.5, 0, 0 (a gain), 0.3/0.4 = 0.75 -> mean 0.3125
-    torch.testing.assert_close(average_drop(ON_IMAGE, ON_MASKED), torch.tensor(31.25))
+    drops = relative_drop(ON_IMAGE, ON_MASKED)
+    torch.testing.assert_close(drops, torch.tensor([0.5, 0.0, 0.0, 0.75]))
+    assert reported_value(METRICS["AD"], drops) == pytest.approx(31.25)
 
 
 def test_average_gain_by_hand():
     # gains: 0, 0, 0.4/0.8 = 0.5, 0 -> mean 0.125
-    torch.testing.assert_close(average_gain(ON_IMAGE, ON_MASKED), torch.tensor(12.5))
+    gains = relative_gain(ON_IMAGE, ON_MASKED)
+    torch.testing.assert_close(gains, torch.tensor([0.0, 0.0, 0.5, 0.0]))
+    assert reported_value(METRICS["AG"], gains) == pytest.approx(12.5)
 
 
 def test_average_increase_is_strict():
     # only the third image increases; equal probabilities do not count
-    torch.testing.assert_close(average_increase(ON_IMAGE, ON_MASKED), torch.tensor(25.0))
-
-
-def test_relative_drop_is_the_per_image_term_of_average_drop():
-    torch.testing.assert_close(relative_drop(ON_IMAGE, ON_MASKED), torch.tensor([0.5, 0.0, 0.0, 0.75]))
+    increases = increased(ON_IMAGE, ON_MASKED)
+    torch.testing.assert_close(increases, torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert reported_value(METRICS["AI"], increases) == pytest.approx(25.0)
 
 
 def test_certain_image_cannot_gain_and_gives_no_nan():
     # p = 1: AG's denominator 1 - p is 0; the image contributes 0 (o <= 1 = p leaves no room to gain)
     p, o = torch.tensor([1.0, 0.5]), torch.tensor([1.0, 0.75])
-    torch.testing.assert_close(average_gain(p, o), torch.tensor(25.0))  # (0 + 0.25 / 0.5) / 2
-    torch.testing.assert_close(average_gain(torch.ones(3), torch.full((3,), 0.3)), torch.tensor(0.0))
-    torch.testing.assert_close(average_drop(torch.ones(2), torch.tensor([0.0, 1.0])), torch.tensor(50.0))
+    torch.testing.assert_close(relative_gain(p, o), torch.tensor([0.0, 0.5]))  # 0.25 / 0.5
+    torch.testing.assert_close(relative_gain(torch.ones(3), torch.full((3,), 0.3)), torch.zeros(3))
+    torch.testing.assert_close(relative_drop(torch.ones(2), torch.tensor([0.0, 1.0])), torch.tensor([1.0, 0.0]))
 
 
 def test_impossible_image_cannot_drop_and_gives_no_nan():
     # p = 0 (a softmax that underflowed): AD's denominator is 0; the image contributes 0
     torch.testing.assert_close(relative_drop(torch.tensor([0.0, 0.5]), torch.tensor([0.0, 0.0])),
                                torch.tensor([0.0, 1.0]))
-    torch.testing.assert_close(average_gain(torch.tensor([0.0]), torch.tensor([0.5])), torch.tensor(50.0))
+    torch.testing.assert_close(relative_gain(torch.tensor([0.0]), torch.tensor([0.5])), torch.tensor([0.5]))
 
 
-def test_unchanged_probabilities_give_no_drop_gain_or_increase():
+@pytest.mark.parametrize("per_image", [relative_drop, relative_gain, increased])
+def test_unchanged_probabilities_give_no_drop_gain_or_increase(per_image):
     p = torch.tensor([0.1, 0.5, 0.9, 1.0])
-    for metric in (average_drop, average_gain, average_increase):
-        torch.testing.assert_close(metric(p, p.clone()), torch.tensor(0.0))
+    torch.testing.assert_close(per_image(p, p.clone()), torch.zeros(4))
 
 
-@pytest.mark.parametrize("metric", [average_drop, average_gain, average_increase, relative_drop])
-def test_bad_probabilities_are_named(metric):
+@pytest.mark.parametrize("per_image", [relative_drop, relative_gain, increased])
+def test_bad_probabilities_are_named(per_image):
     with pytest.raises(ValueError, match="shapes differ"):
-        metric(torch.rand(3), torch.rand(4))
+        per_image(torch.rand(3), torch.rand(4))
     with pytest.raises(ValueError, match="NaN or Inf"):
-        metric(torch.tensor([0.5, float("nan")]), torch.rand(2))
+        per_image(torch.tensor([0.5, float("nan")]), torch.rand(2))
     with pytest.raises(ValueError, match=r"o must lie in \[0, 1\]"):
-        metric(torch.rand(2), torch.tensor([0.5, 1.5]))
+        per_image(torch.rand(2), torch.tensor([0.5, 1.5]))
     with pytest.raises(ValueError, match=r"p must lie in \[0, 1\]"):
-        metric(torch.tensor([-0.1, 0.5]), torch.rand(2))
+        per_image(torch.tensor([-0.1, 0.5]), torch.rand(2))
     with pytest.raises(ValueError, match="empty"):
-        metric(torch.empty(0), torch.empty(0))
+        per_image(torch.empty(0), torch.empty(0))
     with pytest.raises(ValueError, match="float tensor"):
-        metric(torch.tensor([0, 1]), torch.tensor([1, 1]))
+        per_image(torch.tensor([0, 1]), torch.tensor([1, 1]))
 
 
 # --- ADCC: coherency, complexity and their harmonic mean with the drop ---------------------------------
@@ -134,7 +138,7 @@ def test_adcc_end_to_end_on_an_all_zero_map():
 
 
 def test_bad_adcc_inputs_are_named():
-    with pytest.raises(ValueError, match="map shapes differ"):
+    with pytest.raises(ValueError, match="shapes differ"):
         coherency(torch.rand(2, 4, 4), torch.rand(2, 4, 5))
     with pytest.raises(ValueError, match=r"maps must be a float tensor of maps \[N, H, W\]"):
         complexity(torch.rand(4, 4))
@@ -205,9 +209,8 @@ def test_drop_and_increase_match_pytorch_grad_cam():
     increases = IncreaseInConfidence()(pixels, maps.numpy(), their_targets, model)
     assert p[0] == o[0]  # the all-ones map, counted by neither AI
     torch.testing.assert_close(relative_drop(p, o), torch.from_numpy(drops).float() / p, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(average_drop(p, o), 100 * (torch.from_numpy(drops).float() / p).mean())
-    torch.testing.assert_close(average_increase(p, o), torch.tensor(100 * float(increases.mean())))
-    assert 0 < average_increase(p, o) < 100  # a case where strictness and both outcomes are exercised
+    torch.testing.assert_close(increased(p, o), torch.from_numpy(increases))
+    assert 0 < increased(p, o).sum() < len(p)  # a case where strictness and both outcomes are exercised
 
 
 def test_drop_and_increase_match_torchcam():
@@ -221,8 +224,8 @@ def test_drop_and_increase_match_torchcam():
     metric = metrics.ClassificationMetric(MapsAsCAM(model, maps), partial(torch.softmax, dim=-1))
     metric.update(pixels, class_idx=[int(t) for t in targets])
     summary = metric.summary()
-    assert average_drop(p, o).item() == pytest.approx(100 * summary["avg_drop"], rel=1e-5)
-    assert average_increase(p, o).item() == pytest.approx(100 * summary["conf_increase"])
+    assert reported_value(METRICS["AD"], relative_drop(p, o)) == pytest.approx(100 * summary["avg_drop"], rel=1e-5)
+    assert reported_value(METRICS["AI"], increased(p, o)) == pytest.approx(100 * summary["conf_increase"])
 
 
 def test_adcc_matches_the_official_formulas_on_random_maps():
@@ -238,3 +241,4 @@ def test_adcc_matches_the_official_formulas_on_random_maps():
     expected = 3 / (1 / coh + 1 / (1 - com) + 1 / (1 - drop))
     ours = adcc(relative_drop(p, o), coherency(maps, others), complexity(maps))
     torch.testing.assert_close(ours, torch.from_numpy(expected).float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(adcc_of_maps(p, o, maps, others), ours)  # the per-image function ADCC reports

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.ops import box_iou
 from torchvision.transforms import v2
+
 from zoo.evaluation.metrics.localisation import (
     box_accuracy,
     energy_pointing_game,
@@ -138,19 +139,19 @@ def square_map(x0, y0, x1, y1, h=8, w=8):
 def test_localisation_error_by_hand():
     maps = square_map(0, 0, 4, 4)  # B_p = (0, 0, 4, 4)
     # intersection 2x4 = 8, union 16 + 16 - 8 = 24: IoU 1/3
-    torch.testing.assert_close(localisation_error(maps, [boxes([2, 0, 6, 4])]), torch.tensor([100 * 2 / 3]))
+    torch.testing.assert_close(localisation_error(maps, [boxes([2, 0, 6, 4])]), torch.tensor([2 / 3]))
     torch.testing.assert_close(localisation_error(maps, [boxes([0, 0, 4, 4])]), torch.tensor([0.0]))
-    torch.testing.assert_close(localisation_error(maps, [boxes([4, 4, 8, 8])]), torch.tensor([100.0]))
+    torch.testing.assert_close(localisation_error(maps, [boxes([4, 4, 8, 8])]), torch.tensor([1.0]))
 
 
 def test_localisation_error_takes_the_best_of_two_boxes():
     maps = square_map(0, 0, 4, 4)
     gt = boxes([4, 4, 8, 8], [0, 0, 4, 2])  # IoU 0 and 8/16
-    torch.testing.assert_close(localisation_error(maps, [gt]), torch.tensor([50.0]))
+    torch.testing.assert_close(localisation_error(maps, [gt]), torch.tensor([0.5]))
 
 
-def test_localisation_error_of_an_all_zero_map_is_100():
-    torch.testing.assert_close(localisation_error(torch.zeros(1, 8, 8), [boxes([0, 0, 8, 8])]), torch.tensor([100.0]))
+def test_localisation_error_of_an_all_zero_map_is_1():
+    torch.testing.assert_close(localisation_error(torch.zeros(1, 8, 8), [boxes([0, 0, 8, 8])]), torch.tensor([1.0]))
 
 
 def test_localisation_error_matches_torchvision_box_iou():
@@ -158,7 +159,7 @@ def test_localisation_error_matches_torchvision_box_iou():
     gt = [torch.tensor([[x, y, x + 5 + 2 * x, y + 7 + y], [20, 3, 31, 29]], dtype=torch.float)
           for x, y in zip(torch.randint(0, 10, (12,)).tolist(), torch.randint(0, 10, (12,)).tolist(), strict=True)]
     pred = predicted_boxes(maps)
-    expected = torch.stack([100 * (1 - box_iou(p[None], g).amax()) for p, g in zip(pred, gt, strict=True)])
+    expected = torch.stack([1 - box_iou(p[None], g).amax() for p, g in zip(pred, gt, strict=True)])
     torch.testing.assert_close(localisation_error(maps, gt), expected)
 
 
@@ -166,7 +167,7 @@ def test_official_metric_needs_a_correct_prediction():
     maps = torch.cat([square_map(0, 0, 4, 4), square_map(0, 0, 4, 4)])
     gt = [boxes([2, 0, 6, 4])] * 2
     om = official_metric(maps, gt, predictions=torch.tensor([7, 3]), labels=torch.tensor([7, 5]))
-    torch.testing.assert_close(om, torch.tensor([100 * 2 / 3, 100.0]))  # right class: LE; wrong class: 100
+    torch.testing.assert_close(om, torch.tensor([2 / 3, 1.0]))  # right class: LE; wrong class: 1
 
 
 # ---- pixel-wise precision (= energy pointing game), recall, F1 ---------------------------------------------
@@ -178,25 +179,25 @@ def test_precision_recall_f1_by_hand():
     maps[0, 3, 3] = 0.5
     gt = [boxes([0, 0, 2, 2])]
     p, r = 4 / 4.5, 4 / 4
-    torch.testing.assert_close(pixel_precision(maps, gt), torch.tensor([100 * p]))
-    torch.testing.assert_close(energy_pointing_game(maps, gt), torch.tensor([100 * p]))
-    torch.testing.assert_close(pixel_recall(maps, gt), torch.tensor([100 * r]))
-    torch.testing.assert_close(pixel_f1(maps, gt), torch.tensor([100 * 2 * p * r / (p + r)]))
+    torch.testing.assert_close(pixel_precision(maps, gt), torch.tensor([p]))
+    torch.testing.assert_close(energy_pointing_game(maps, gt), torch.tensor([p]))
+    torch.testing.assert_close(pixel_recall(maps, gt), torch.tensor([r]))
+    torch.testing.assert_close(pixel_f1(maps, gt), torch.tensor([2 * p * r / (p + r)]))
 
 
 def test_two_overlapping_boxes_count_their_union_once():
     maps = torch.full((1, 4, 4), 0.5)
     gt = [boxes([0, 0, 2, 2], [1, 1, 3, 3])]  # union: 4 + 4 - 1 = 7 pixels
-    torch.testing.assert_close(pixel_precision(maps, gt), torch.tensor([100 * 7 / 16]))
-    torch.testing.assert_close(pixel_recall(maps, gt), torch.tensor([50.0]))
+    torch.testing.assert_close(pixel_precision(maps, gt), torch.tensor([7 / 16]))
+    torch.testing.assert_close(pixel_recall(maps, gt), torch.tensor([0.5]))
 
 
 def test_box_at_the_border_and_float_box():
     maps = torch.zeros(2, 3, 4)
     maps[:, :, 3] = 1  # last column
     gt = [boxes([3, 0, 4, 3]), boxes([2.6, 0, 3.6, 3])]  # x1 = W; a float box holding column 3's centres only
-    torch.testing.assert_close(pixel_precision(maps, gt), torch.tensor([100.0, 100.0]))
-    torch.testing.assert_close(pixel_recall(maps, gt), torch.tensor([100.0, 100.0]))
+    torch.testing.assert_close(pixel_precision(maps, gt), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(pixel_recall(maps, gt), torch.tensor([1.0, 1.0]))
 
 
 def test_all_zero_map_scores_zero_not_nan():
@@ -212,7 +213,7 @@ def test_precision_matches_quantus_relevance_mass_accuracy():
     masks = torch.stack([box_mask(32, 32, g) for g in gt])
     metric = quantus.RelevanceMassAccuracy(disable_warnings=True)
     expected = metric.evaluate_batch(a_batch=maps[:, None].numpy(), s_batch=masks[:, None].numpy())
-    torch.testing.assert_close(pixel_precision(maps, gt), 100 * torch.as_tensor(expected))
+    torch.testing.assert_close(pixel_precision(maps, gt), torch.as_tensor(expected))
 
 
 # ---- standard pointing game --------------------------------------------------------------------------------
@@ -224,14 +225,14 @@ def test_pointing_game_by_hand():
     maps[1, 3, 3] = 1  # peak outside
     maps[2, 3, 3] = maps[2, 0, 0] = 1  # tie: one of the maxima in the box is enough
     gt = [boxes([0, 0, 2, 2])] * 3
-    torch.testing.assert_close(pointing_game(maps, gt), torch.tensor([100.0, 0.0, 100.0]))
+    torch.testing.assert_close(pointing_game(maps, gt), torch.tensor([1.0, 0.0, 1.0]))
 
 
 def test_pointing_game_ties_outside_miss_and_constant_map_hits():
     maps = torch.zeros(2, 4, 4)
     maps[0, 3, 3] = maps[0, 3, 0] = 1
     gt = [boxes([0, 0, 2, 2])] * 2
-    torch.testing.assert_close(pointing_game(maps, gt), torch.tensor([0.0, 100.0]))
+    torch.testing.assert_close(pointing_game(maps, gt), torch.tensor([0.0, 1.0]))
 
 
 def test_pointing_game_tolerance():
@@ -239,7 +240,7 @@ def test_pointing_game_tolerance():
     maps[0, 5, 5] = 1
     gt = [boxes([0, 0, 4, 4])]  # nearest box pixel (3, 3): distance sqrt(8)
     torch.testing.assert_close(pointing_game(maps, gt, tolerance=2), torch.tensor([0.0]))
-    torch.testing.assert_close(pointing_game(maps, gt, tolerance=3), torch.tensor([100.0]))
+    torch.testing.assert_close(pointing_game(maps, gt, tolerance=3), torch.tensor([1.0]))
 
 
 def test_pointing_game_matches_quantus():
@@ -249,7 +250,7 @@ def test_pointing_game_matches_quantus():
     masks = torch.stack([box_mask(32, 32, g) for g in gt])
     expected = quantus.PointingGame(disable_warnings=True).evaluate_batch(
         a_batch=maps[:, None].numpy(), s_batch=masks[:, None].numpy())
-    torch.testing.assert_close(pointing_game(maps, gt), 100 * torch.as_tensor(expected, dtype=torch.float))
+    torch.testing.assert_close(pointing_game(maps, gt), torch.as_tensor(expected, dtype=torch.float))
 
 
 # ---- BoxAcc ------------------------------------------------------------------------------------------------
@@ -262,16 +263,16 @@ def test_box_accuracy_by_hand():
     gt = [boxes([0, 0, 4, 4])]
     # eta 0.2: box (0, 0, 4, 4), IoU 1; eta 0.6: box (1, 1, 3, 3), IoU 4/16; eta 1: empty, IoU 0
     hits = box_accuracy(maps, gt, thresholds=(0.2, 0.6, 1.0), ious=(0.25, 0.5))
-    torch.testing.assert_close(hits, torch.tensor([[[100.0, 100.0], [100.0, 0.0], [0.0, 0.0]]]))
+    torch.testing.assert_close(hits, torch.tensor([[[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]]))
 
 
 def test_max_box_accuracy_takes_the_best_threshold_per_iou_then_averages():
-    hits = torch.tensor([[[100.0, 100.0], [0.0, 100.0]],   # image 1: [threshold, iou]
-                         [[0.0, 0.0], [100.0, 0.0]]])      # image 2
-    # per threshold means: [[50, 50], [50, 50]] -> best per iou: [50, 50] -> 50
-    torch.testing.assert_close(max_box_accuracy(hits), torch.tensor(50.0))
-    hits[1, 0, 1] = 100  # threshold 0 now catches both at the second iou
-    torch.testing.assert_close(max_box_accuracy(hits), torch.tensor(75.0))
+    hits = torch.tensor([[[1.0, 1.0], [0.0, 1.0]],   # image 1: [threshold, iou]
+                         [[0.0, 0.0], [1.0, 0.0]]])      # image 2
+    # per threshold means: [[.5, .5], [.5, .5]] -> best per iou: [.5, .5] -> .5
+    torch.testing.assert_close(max_box_accuracy(hits), torch.tensor(0.5))
+    hits[1, 0, 1] = 1  # threshold 0 now catches both at the second iou
+    torch.testing.assert_close(max_box_accuracy(hits), torch.tensor(0.75))
 
 
 def test_box_accuracy_agrees_with_predicted_boxes_at_each_threshold():
@@ -280,7 +281,7 @@ def test_box_accuracy_agrees_with_predicted_boxes_at_each_threshold():
     hits = box_accuracy(maps, gt, thresholds, ious=(0.5,))
     for t, eta in enumerate(thresholds):
         iou = box_iou(predicted_boxes(maps, eta), gt[0])[:, 0]
-        torch.testing.assert_close(hits[:, t, 0], 100 * (iou >= 0.5).float())
+        torch.testing.assert_close(hits[:, t, 0], (iou >= 0.5).float())
 
 
 # ---- Saliency Metric ---------------------------------------------------------------------------------------
@@ -305,7 +306,7 @@ def test_torchvision_bounding_boxes_feed_directly():
     maps = torch.zeros(1, 20, 40)
     maps[0, 0:10, 20:40] = 1
     torch.testing.assert_close(localisation_error(maps, [gt]), torch.tensor([0.0]))
-    torch.testing.assert_close(pixel_recall(maps, [gt]), torch.tensor([100.0]))
+    torch.testing.assert_close(pixel_recall(maps, [gt]), torch.tensor([1.0]))
 
 
 @pytest.mark.parametrize("maps, gt, message", [

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 from PIL import Image
-from zoo.evaluation.harness import Protocol
-from zoo.evaluation.model_card import BIBTEX, CARDS_DIR, METRICS, UNREPORTED, main, regenerate
 
 import zoo
+from zoo.evaluation.harness import Protocol
+from zoo.evaluation.model_card import BIBTEX, CARDS_DIR, UNREPORTED, main, regenerate
+from zoo.metrics import METRICS
 
 FAITHFULNESS = ("AD", "AG", "AI", "I", "D")
 LOCALISATION = ("OM", "LE", "F1", "BA", "SP", "EP", "SM")
@@ -42,7 +43,7 @@ def write_results(folder: Path, model: str = "resnet18_castream", dataset: str =
 def assert_model_index_is_the_results(folder: Path) -> int:
     """Every model-index value equals its results file's number, and every number is there; returns the count."""
     card = ModelCard.load(folder / "README.md")
-    kinds = {kind: key for key, (kind, _) in METRICS.items()}
+    kinds = {metric.index_type: key for key, metric in METRICS.items()}
     reported = {}
     for entry in card.data.eval_results:
         results = json.loads((folder / entry.metric_args["results"]).read_text())

@@ -7,14 +7,14 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-import zoo.evaluation.publish
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from test_model_cards import assert_model_index_is_the_results, write_results
 from timm.models import save_for_hf
+
+import zoo.evaluation.publish
 from zoo.evaluation.model_card import regenerate
 from zoo.evaluation.publish import main
-
 from zoo.hub import CheckpointError, add_to_hf_cache, load_model, sha256
 
 X = torch.randn(2, 3, 64, 64)

@@ -7,14 +7,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from captum.attr import GuidedBackprop
-from matplotlib import cbook
-from PIL import Image
 from pytorch_grad_cam import AblationCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from timm.data import create_transform, resolve_data_config
 from torch import nn
-from zoo.evaluation.saliency import METHODS, default_layer, explain
-from zoo.evaluation.saliency.core import normalise_per_image
+
+from zoo.data.photo import photo
+from zoo.evaluation.saliency import METHODS, default_layer, explain, normalise_per_image
 from zoo.evaluation.saliency.opticam import mask_of
 
 SIZE = 96
@@ -28,8 +27,7 @@ CNN_METHODS = sorted(name for name, fn in METHODS.items() if fn.__module__ != "z
 def photo_batch(model, size=SIZE, noise=2):
     """A real photograph (shipped with matplotlib) and noise images, preprocessed for ``model``."""
     transform = create_transform(**resolve_data_config(dict(input_size=(3, size, size)), model=model))
-    photo = transform(Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB"))
-    return torch.cat([photo[None], torch.randn(noise, 3, size, size)])
+    return torch.cat([transform(photo())[None], torch.randn(noise, 3, size, size)])
 
 
 @pytest.fixture(scope="module")
@@ -257,9 +255,9 @@ def test_cam_uses_the_classifier_weights(resnet):
     (lambda m, x: explain(m, x, "gradcam", torch.tensor([1.0, 2.0])), "targets must be 2 integer class indices"),
     (lambda m, x: explain(m, x, "gradcam", 3), "one class per image"),
     (lambda m, x: explain(m, x, "gradcam", torch.tensor([1, 1000])), r"class indices in \[0, 1000\)"),
-    (lambda m, x: explain(m, x[0], "gradcam"), r"float tensor \[B, 3, H, W\], got torch.float32 tensor of shape"),
-    (lambda m, x: explain(m, x[:, :1], "gradcam"), r"\[B, 3, H, W\]"),
-    (lambda m, x: explain(m, x.to(torch.uint8), "gradcam"), "got torch.uint8"),
+    (lambda m, x: explain(m, x[0], "gradcam"), r"resnet18 expects an image batch \[B, C, H, W\], got a 3-D tensor"),
+    (lambda m, x: explain(m, x[:, :1], "gradcam"), "resnet18 expects 3 input channels, got 1"),
+    (lambda m, x: explain(m, x.to(torch.uint8), "gradcam"), "expects a floating-point image batch, got torch.uint8"),
     (lambda m, x: explain(m, x, "attention"), "attention needs a zoo model with built-in saliency"),
     (lambda m, x: explain(m, x, "opticam", objective="logit"), "opticam objective must be one of"),
     (lambda m, x: explain(m, x, "scorecam", amp_dtype="float64"), "amp_dtype must be one of bfloat16, float16"),
@@ -270,6 +268,11 @@ def test_bad_input_is_named(resnet, call, message):
     with pytest.raises(ValueError, match=message):
         call(resnet, torch.randn(2, 3, 64, 64))
     assert not any(module._forward_hooks for module in resnet.modules())
+
+
+def test_images_that_are_no_tensor_are_named(resnet):
+    with pytest.raises(TypeError, match="resnet18 expects a torch.Tensor image batch, got list"):
+        explain(resnet, [[0.0]], "gradcam")
 
 
 def test_a_map_constant_up_to_rounding_normalises_to_zeros():

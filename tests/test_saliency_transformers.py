@@ -3,9 +3,6 @@ reshape transform), the attention baselines on hand-checkable cases, TIBAV's LRP
 against a per-image implementation through autograd, the harness' Table 2.2 / 2.7 layout, bad input."""
 
 import json
-import runpy
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -14,14 +11,15 @@ import torch.nn.functional as F
 import torchvision
 from data_layouts import CubImage, make_cub
 from pytorch_grad_cam import GradCAM
+from scripts import run_script
 from test_saliency import REFERENCE as CNN_REFERENCE
 from test_saliency import assert_same_maps, photo_batch, pytorch_grad_cam
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import ResPostBlock
 from torch import nn
+
 from zoo.evaluation.harness import comparison, main
-from zoo.evaluation.saliency import METHODS, default_layer, explain, lrp
-from zoo.evaluation.saliency.core import normalise_per_image
+from zoo.evaluation.saliency import METHODS, default_layer, explain, lrp, normalise_per_image
 from zoo.evaluation.saliency.transformer import recorded_attentions, relevance, rollout
 
 # Ablation-CAM ablates tokens differently from pytorch-grad-cam's ViT ablation: checked by hand below
@@ -499,11 +497,9 @@ def test_tables_2_2_and_2_7_set_models_side_by_side():
     assert "| fakecam | 4.00 | 5.00 | 6.00 | 7.00 | 8.00 | 9.00 | 0.50 | 4.00 |" in table
 
 
-def test_speed_benchmark_runs_side_by_side(tmp_path, monkeypatch):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "saliency_transformer_speed.py"
-    monkeypatch.setattr(sys, "argv", [script.name, "--quick", "--rounds", "1", "--device", "cpu",
-                                      "--out", str(tmp_path)])
-    runpy.run_path(str(script), run_name="__main__")
+def test_speed_benchmark_runs_side_by_side(tmp_path):
+    run_script("benchmarks/saliency_transformer_speed.py", ["--quick", "--rounds", "1", "--device", "cpu",
+                                                            "--out", str(tmp_path)])
     (result,) = tmp_path.glob("saliency_transformer_speed-*.json")
     rows = json.loads(result.read_text())["rows"]
     assert [(r["method"], r["model"]) for r in rows] == [("opticam", "test_vit"), ("opticam", "test_resnet"),

@@ -1,6 +1,8 @@
 """The Accelerate training loop and its recipes, on datasets laid out on disk as the real ones are."""
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,11 +16,12 @@ import torch
 from accelerate.utils import set_seed
 from data_layouts import CubImage, make_cub, make_image_folder, make_voc
 from safetensors.torch import load_file, save_file
-from zoo.training.config import list_recipes, load_recipe
-from zoo.training.train import build_loaders, build_model, step_schedule, subset, train
 
 import zoo  # noqa: F401
 from zoo.hub import load_model
+from zoo.training.config import list_recipes, load_recipe
+from zoo.training.optimiser import create_optimizer, create_schedule
+from zoo.training.train import build_loaders, build_model, subset, train
 
 SMALL_BACKBONE = {"backbone": "resnet10t"}  # the smallest timm ResNet keeps each step fast
 QUICK = dict(image_size=32, workers=0, batch_size=4, data_root="")
@@ -56,6 +59,10 @@ def test_recipes_carry_the_thesis_hyperparameters():
     assert (gd.epochs, gd.lr, gd.momentum, gd.weight_decay, gd.batch_size, gd.warmup_epochs) == \
            (200, 0.1, 0.9, 5e-4, 128, 1)
     assert (gd.milestones, gd.gamma, gd.augmentation) == ([60, 120, 160], 0.2, "cifar")
+    for name in list_recipes():  # SGD with classical momentum, the recipes' step decay
+        recipe = load_recipe(name)
+        assert (recipe.optimizer, recipe.optimizer_args, recipe.schedule, recipe.schedule_args) == \
+               ("momentum", {}, "milestones", {})
 
 
 @pytest.mark.parametrize("args, message", [
@@ -73,11 +80,92 @@ def test_recipe_errors_name_the_setting(args, message):
         load_recipe(*args, **overrides)
 
 
-def test_schedule_warms_up_then_divides_at_the_milestones():
-    recipe = load_recipe("gd_cifar100")  # warm-up 1 epoch, x0.2 at 60, 120, 160
-    factor = step_schedule(recipe, steps_per_epoch=10)
-    assert [factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert [factor(s) for s in (599, 600, 1200, 1600, 1999)] == pytest.approx([1, 0.2, 0.04, 0.008, 0.008])
+def test_recipe_schedule_gives_the_lr_of_every_step_as_before():
+    """The lr of each optimiser step, from timm's scheduler interface, is the one the recipes always had
+    (``reference``, the former LambdaLR factor), to the last bit."""
+    steps_per_epoch = 10
+
+    def reference(recipe, step):  # linear warm-up, then x gamma at each milestone epoch
+        warmup = recipe.warmup_epochs * steps_per_epoch
+        decay = recipe.gamma ** sum(step >= milestone * steps_per_epoch for milestone in recipe.milestones)
+        return recipe.lr * (decay * min(1.0, (step + 1) / warmup) if warmup else decay)
+
+    for recipe in (load_recipe("castream_imagenet"), load_recipe("finetune_cub"), load_recipe("gd_cifar100")):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.lr)
+        scheduler = create_schedule(recipe, optimizer, steps_per_epoch)
+        lrs = [optimizer.param_groups[0]["lr"]]
+        for step in range(1, recipe.epochs * steps_per_epoch):
+            scheduler.step_update(step)
+            lrs.append(optimizer.param_groups[0]["lr"])
+        assert lrs == [reference(recipe, step) for step in range(recipe.epochs * steps_per_epoch)]
+    # the last, gd_cifar100: warm-up over the first epoch, x0.2 at 60, 120, 160
+    assert [lrs[s] / 0.1 for s in (0, 4, 9, 599, 600, 1200, 1600, 1999)] == \
+           pytest.approx([0.1, 0.5, 1, 1, 0.2, 0.04, 0.008, 0.008])
+
+
+@pytest.mark.parametrize("model_name, args", [("resnet18_castream", SMALL_BACKBONE), ("resnet10t", {})])
+def test_recipe_optimizer_is_torchs_sgd_over_the_trainable_parameters(model_name, args):
+    """timm's factory gives the recipes' SGD: classical momentum (not Nesterov), weight decay on biases and norms
+    too, one parameter group of the trainable parameters: the same weights, bit for bit, after a few steps."""
+    recipe = load_recipe("castream_imagenet", model=model_name, model_args=args, freeze_backbone=bool(args),
+                         weight_decay=1e-2)
+    torch.manual_seed(0)
+    models = [build_model(dataclasses.replace(recipe, weights=None), 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    trainable = [p for p in models[1].parameters() if p.requires_grad]
+    optimizers = [create_optimizer(recipe, models[0]),
+                  torch.optim.SGD(trainable, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)]
+    ours, theirs = (optimizer.param_groups for optimizer in optimizers)
+    assert type(optimizers[0]) is torch.optim.SGD and len(ours) == len(theirs) == 1
+    assert [p.shape for p in ours[0]["params"]] == [p.shape for p in trainable]
+    assert {k: v for k, v in ours[0].items() if k != "params"} == {k: v for k, v in theirs[0].items() if k != "params"}
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for model, optimizer in zip(models, optimizers, strict=True):
+        model.train()
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x)[0] if args else model(x), y).backward()
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(*(m.state_dict().values() for m in models), strict=True))
+
+
+class Killed(Exception):
+    """Stands for a kill at a chosen optimiser step."""
+
+
+def test_a_recipe_names_another_timm_optimizer_and_schedule(tmp_path, monkeypatch):
+    """AdamW with timm's no weight decay on biases and norms, and a cosine schedule, by recipe fields alone: a short
+    run trains with them, its lr follows timm's cosine per optimiser step, and a run killed mid-epoch resumes
+    (timm's scheduler state read back as plain data) to the same weights."""
+    settings = dict(optimizer="adamw", optimizer_args={"betas": [0.9, 0.99], "filter_bias_and_bn": True}, lr=1e-3,
+                    weight_decay=0.05, schedule="cosine", schedule_args={"min_lr": 1e-5}, checkpoint_every=1)
+    whole = train(stream_recipe(tmp_path, output_dir=str(tmp_path / "whole"), **settings), cpu=True)
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    # 4 optimiser steps an epoch, 8 in all: half-way down the cosine after epoch 1, at its floor after epoch 2
+    assert [row["lr"] for row in rows] == pytest.approx([1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 2)) / 2, 1e-5])
+    last = sorted((tmp_path / "whole" / "checkpoints").glob("step-*"))[-1]
+    optimizer = torch.load(last / "state.pt", weights_only=True)["optimizer"]
+    assert {"exp_avg", "exp_avg_sq"} <= optimizer["state"][0].keys()
+    assert [(group["weight_decay"], tuple(group["betas"])) for group in optimizer["param_groups"]] == \
+           [(0.0, (0.9, 0.99)), (0.05, (0.9, 0.99))]  # biases and the query undecayed
+    assert not torch.equal(state(whole)["stream.query"], build_model(stream_recipe(tmp_path), 2).state_dict()[
+        "stream.query"])
+
+    calls, adamw_step = [], torch.optim.AdamW.step
+
+    def killed_at_step_6(self, *args, **kwargs):
+        calls.append(None)
+        if len(calls) == 6:
+            raise Killed
+        return adamw_step(self, *args, **kwargs)
+
+    recipe = stream_recipe(tmp_path, output_dir=str(tmp_path / "killed"), **settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", killed_at_step_6)
+        with pytest.raises(Killed):
+            train(recipe, cpu=True)
+    resumed = train(recipe, cpu=True)
+    assert all(torch.equal(value, state(resumed)[key]) for key, value in state(whole).items())
 
 
 def test_limit_draws_a_fixed_subset_across_a_dataset_stored_class_by_class():

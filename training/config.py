@@ -1,8 +1,8 @@
 """Training recipes: a dataclass of every setting, filled from a small YAML file and command-line overrides.
 
 The recipes of the thesis live in ``training/recipes/<name>.yaml`` with its hyperparameters written in them
-(SPEC §1, §3); ``load_recipe("finetune_cub", epochs=1, limit=64)`` or ``zoo-train finetune_cub --epochs 1``
-reads one and overrides fields.
+(thesis §3.4 for CA-Stream, ch. 4 for gradient denoising); ``load_recipe("finetune_cub", epochs=1, limit=64)`` or
+``zoo-train finetune_cub --epochs 1`` reads one and overrides fields.
 """
 
 import json
@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
+from timm.optim import list_optimizers
 
 from zoo.data import DATASETS
 from zoo.data.transforms import AUGMENTATIONS
 
 from .gradient_denoising import ERRORS
+from .optimiser import SCHEDULES, optimizer_options, schedule_options
 
 __all__ = ["RECIPES_DIR", "Recipe", "list_recipes", "load_recipe"]
 
@@ -91,9 +93,13 @@ class Recipe:
     gd_weight: float = 7.5e-3  # and lambda, eq. 4.4
     epochs: int = 90
     batch_size: int = 256
+    optimizer: str = "momentum"  # a timm optimiser; "momentum": SGD with classical momentum (timm's "sgd" is Nesterov)
+    optimizer_args: dict = field(default_factory=dict)  # more options of timm's create_optimizer_v2 and the optimiser
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: float = 0.9  # for optimisers with momentum
     weight_decay: float = 1e-4
+    schedule: str = "milestones"  # the lr x gamma at each milestone, or a timm schedule: cosine, step, ...
+    schedule_args: dict = field(default_factory=dict)  # more options of timm's create_scheduler_v2 (not milestones)
     milestones: list[int] = field(default_factory=lambda: [30, 60])  # epochs where the lr is multiplied by gamma
     gamma: float = 0.1
     warmup_epochs: int = 0  # linear warm-up of the lr over the first epochs, per step
@@ -125,6 +131,7 @@ class Recipe:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.gd_error not in ERRORS:
             problems.append(f"gd_error {self.gd_error!r} is not one of {', '.join(ERRORS)}")
+        problems += self.optimisation_problems()
         for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "checkpoint_every", "gd_weight", "gamma",
                      "workers"):
             if getattr(self, name) < 0:
@@ -145,6 +152,26 @@ class Recipe:
             self.weights = None
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.name)
+
+    def optimisation_problems(self) -> list[str]:
+        """What is wrong with the names and options of the optimiser and the schedule."""
+        problems = []
+        if self.optimizer not in list_optimizers():
+            problems.append(f"optimizer {self.optimizer!r} is not one of timm's optimisers (e.g. momentum, sgd, "
+                            "adamw; timm.optim.list_optimizers() lists them)")
+        elif (known := optimizer_options(self.optimizer)) is not None and self.optimizer_args.keys() - known:
+            unknown = ", ".join(sorted(self.optimizer_args.keys() - known))
+            problems.append(f"optimizer_args {self.optimizer_args!r}: {self.optimizer} takes no {unknown} (it takes "
+                            f"{', '.join(sorted(known))})")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        elif self.schedule == "milestones" and self.schedule_args:
+            problems.append(f"schedule_args {self.schedule_args!r}: the milestones schedule takes none (timm's do)")
+        elif self.schedule_args.keys() - schedule_options():
+            problems.append(f"schedule_args {self.schedule_args!r}: timm's schedules take no "
+                            f"{', '.join(sorted(self.schedule_args.keys() - schedule_options()))} (they take "
+                            f"{', '.join(sorted(schedule_options()))})")
+        return problems
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,8 +19,15 @@ rounding) and a cheaper second derivative:
 Backward passes that only need input gradients run with the yielded switch on
 (``with inputs_only.switched_on():``), which skips the weight and bias gradients, as torch's engine does
 for its own nodes.
+
+The nodes call kernels that torch does not publish (``_aten`` below). Before the first use of each layer's node,
+a check on a tiny float64 input on the CPU runs them against torch's own layer; where they are missing or
+give other values (another torch release), that layer stays torch's own, with a one-line warning, and gradient
+denoising is only slower.
 """
 
+import functools
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -33,6 +40,21 @@ from torch.overrides import TorchFunctionMode
 from zoo.guided import BackwardSwitch
 
 __all__ = ["lean_double_backward"]
+
+_aten = torch.ops.aten  # _batch_norm_impl_index, _batch_norm_impl_index_backward, convolution_backward
+
+
+def _convolution_weight_gradient(grad, x, weight, stride, padding, dilation, groups):
+    """The weight gradient of ``F.conv2d`` alone, by torch's kernel."""
+    return _aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                                      [False, True, False])[1]
+
+
+def _batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps):
+    """(output, batch mean, 1 / batch std, kernel's reserve, kernel) of training-mode batch norm, by the kernel
+    torch picks (cuDNN's where torch would use it); the running statistics updated as torch does."""
+    return _aten._batch_norm_impl_index(x, weight, bias, running_mean, running_var, True, momentum, eps,
+                                        torch.backends.cudnn.enabled)
 
 
 class _TransposableConv2d(torch.autograd.Function):
@@ -58,9 +80,8 @@ class _TransposableConv2d(torch.autograd.Function):
                                         dilation).to(x.dtype)
         if not ctx.inputs_only.on:
             if ctx.needs_input_grad[1]:
-                grad_weight = torch.ops.aten.convolution_backward(
-                    grad, x.to(grad.dtype), low_weight, None, stride, padding, dilation, False, [0, 0], groups,
-                    [False, True, False])[1].to(weight.dtype)
+                grad_weight = _convolution_weight_gradient(grad, x.to(grad.dtype), low_weight, stride, padding,
+                                                           dilation, groups).to(weight.dtype)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_bias = grad.sum((0, 2, 3)).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
@@ -72,8 +93,8 @@ class _BatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, inputs_only):
-        out, mean, rstd, reserve, kernel = torch.ops.aten._batch_norm_impl_index(
-            x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled)
+        out, mean, rstd, reserve, kernel = _batch_norm_forward(x, weight, bias, running_mean, running_var, momentum,
+                                                               eps)
         ctx.save_for_backward(x, weight, mean, rstd, reserve)
         ctx.eps, ctx.kernel, ctx.inputs_only = eps, kernel, inputs_only
         return out
@@ -96,8 +117,8 @@ def _batch_norm_gradients(kernel, grad, x, weight, mean, rstd, reserve, eps, mas
     whatever ``mask`` says, and needs ``grad`` in the layout of ``x``."""
     if grad.stride() != x.stride():
         grad = torch.empty_like(x, dtype=grad.dtype).copy_(grad)
-    return torch.ops.aten._batch_norm_impl_index_backward(kernel, x, grad, weight, None, None, mean, rstd, True, eps,
-                                                          mask, reserve)
+    return _aten._batch_norm_impl_index_backward(kernel, x, grad, weight, None, None, mean, rstd, True, eps, mask,
+                                                 reserve)
 
 
 class _BatchNormGradient(torch.autograd.Function):
@@ -158,6 +179,63 @@ def batch_norm_second_derivative(v, v_weight, v_bias, g, x, gamma, mean, rstd, g
 _compiled_second_derivative = torch.compile(batch_norm_second_derivative, dynamic=True)
 
 
+def _tiny_inputs(*shapes):
+    """float64 CPU tensors of ``shapes``, drawn from a generator of their own (the global RNG left alone)."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+
+
+def _convolution_problem() -> str | None:
+    """What differs between the weight gradient of ``_convolution_weight_gradient`` and torch's own."""
+    x, weight, grad = _tiny_inputs((2, 4, 7, 7), (6, 2, 3, 3), (2, 6, 4, 4))
+    ours = _convolution_weight_gradient(grad, x, weight, (2, 2), (1, 1), (1, 1), 2)
+    weight.requires_grad_(True)
+    (theirs,) = torch.autograd.grad(F.conv2d(x, weight, None, 2, 1, 1, 2), weight, grad)
+    return None if ours.shape == theirs.shape and torch.allclose(ours, theirs) else "another weight gradient"
+
+
+def _batch_norm_problem() -> str | None:
+    """What differs between ``_batch_norm_forward``/``_batch_norm_gradients`` and torch's own batch norm: output,
+    running statistics, gradients, and the batch statistics that ``batch_norm_second_derivative`` takes."""
+    x, weight, bias, grad = _tiny_inputs((4, 3, 5, 5), (3,), (3,), (4, 3, 5, 5))
+    statistics = [torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype)]  # running mean and variance
+    torchs_statistics = [t.clone() for t in statistics]
+    out, mean, rstd, reserve, kernel = _batch_norm_forward(x, weight, bias, *statistics, 0.1, 1e-5)
+    ours = _batch_norm_gradients(kernel, grad, x, weight, mean, rstd, reserve, 1e-5, [True, True, True])
+    inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+    expected = F.batch_norm(inputs[0], *torchs_statistics, inputs[1], inputs[2], True, 0.1, 1e-5)
+    compared = {"output": (out, expected), "running statistics": (statistics, torchs_statistics),
+                "batch mean": (mean, x.mean((0, 2, 3))),
+                "1 / batch std": (rstd, (x.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()),
+                "gradients": (ours, torch.autograd.grad(expected, inputs, grad))}
+    for name, (a, b) in compared.items():
+        pairs = zip(a, b, strict=True) if isinstance(a, list | tuple) else [(a, b)]
+        if not all(u.shape == v.shape and torch.allclose(u, v.detach()) for u, v in pairs):
+            return f"another {name}"
+    return None
+
+
+_CHECKS = {"convolution": (_convolution_problem, "convolution_backward"),
+           "batch norm": (_batch_norm_problem, "_batch_norm_impl_index and _batch_norm_impl_index_backward")}
+
+
+@functools.cache
+def _private_kernels_work(layer: str) -> bool:
+    """Whether the node of ``layer`` (a key of ``_CHECKS``) can be used: its private kernels exist and give torch's
+    own values on a tiny input. Checked once; when not, a one-line warning says torch's own layer is used."""
+    check, kernels = _CHECKS[layer]
+    try:
+        with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            problem = check()
+    except Exception as error:  # missing (AttributeError) or called otherwise (TypeError, RuntimeError)
+        problem = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    if problem:
+        warnings.warn(f"torch {torch.__version__}'s private {kernels} ({problem}): gradient denoising "
+                      f"differentiates torch's own {layer} layers instead, with the same result, more slowly",
+                      RuntimeWarning, stacklevel=2)
+    return problem is None
+
+
 _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
@@ -172,14 +250,16 @@ class _LeanMode(TorchFunctionMode):
         if func is F.conv2d:
             call = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
                     **dict(zip(_CONV2D_ARGS, args, strict=False)), **kwargs}
-            if not isinstance(call["padding"], str) and call["input"].ndim == 4:  # not "same"/"valid", batched
+            if (not isinstance(call["padding"], str) and call["input"].ndim == 4  # not "same"/"valid", batched
+                    and _private_kernels_work("convolution")):
                 return _TransposableConv2d.apply(call["input"], call["weight"], call["bias"], _pair(call["stride"]),
                                                  _pair(call["padding"]), _pair(call["dilation"]), call["groups"],
                                                  self.inputs_only)
         if func is F.batch_norm:
             call = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5,
                     **dict(zip(_BATCH_NORM_ARGS, args, strict=False)), **kwargs}
-            if call["training"] and call["weight"] is not None and call["bias"] is not None:
+            if (call["training"] and call["weight"] is not None and call["bias"] is not None
+                    and _private_kernels_work("batch norm")):
                 F._verify_batch_size(call["input"].size())
                 return _BatchNorm.apply(call["input"], call["weight"], call["bias"], call["running_mean"],
                                         call["running_var"], call["momentum"], call["eps"], self.inputs_only)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -23,8 +24,8 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 
 __all__ = ["CONFIG_FILE", "HUB_ORG", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "CheckpointError", "add_to_hf_cache",
-           "hub_checkpoint", "hub_id", "load_model", "read_config", "sha256", "verify_checkpoint",
-           "weights_file"]
+           "checkpoint_mismatch", "hub_checkpoint", "hub_id", "load_model", "read_config", "sha256",
+           "verify_checkpoint", "weights_file"]
 
 HUB_ORG = os.environ.get("ZOO_HUB_ORG", "interpretable-zoo")
 WEIGHTS_FILE = "model.safetensors"
@@ -114,6 +115,21 @@ def _tensor_shapes(path: Path, expected_sha256: str | None) -> dict[str, tuple[i
     return shapes
 
 
+def checkpoint_mismatch(found: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]],
+                        any_shape: Collection[str] = ()) -> str:
+    """Why tensors of the shapes ``found`` (name -> shape) do not load into a model whose state dict has the shapes
+    ``expected``: the count and first few of the missing keys (BatchNorm's ``num_batches_tracked`` counters, which
+    older checkpoints lack, excepted), of the unexpected keys and of the keys of another shape (but those in
+    ``any_shape``); "" when they fit."""
+    missing = sorted(k for k in expected.keys() - found.keys() if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(found.keys() - expected.keys())
+    wrong_shape = [f"{k} {tuple(found[k])} vs {tuple(expected[k])}" for k in sorted(expected.keys() & found.keys())
+                   if k not in any_shape and tuple(found[k]) != tuple(expected[k])]
+    return "; ".join(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in
+                     (("missing keys", missing), ("unexpected keys", unexpected),
+                      ("shape mismatches, checkpoint vs model", wrong_shape)) if keys)
+
+
 def verify_checkpoint(folder: str | os.PathLike) -> dict:
     """Check a checkpoint folder before it is loaded or published; returns its config.
 
@@ -133,15 +149,10 @@ def verify_checkpoint(folder: str | os.PathLike) -> dict:
     args = {"num_classes": config["num_classes"]} if "num_classes" in config else {}
     with torch.device("meta"):
         model = timm.create_model(config["architecture"], **{**args, **config.get("model_args", {})})
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    missing = sorted(k for k in expected.keys() - shapes.keys() if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(shapes.keys() - expected.keys())
-    wrong_shape = sorted(k for k in expected.keys() & shapes.keys() if expected[k] != shapes[k])
-    if missing or unexpected or wrong_shape:
-        found = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong_shape)) if keys]
+    problems = checkpoint_mismatch(shapes, {key: value.shape for key, value in model.state_dict().items()})
+    if problems:
         raise CheckpointError(f"{weights} does not hold the {config['architecture']} its {CONFIG_FILE} describes "
-                              f"(num_classes, model_args): tensors {'; '.join(found)}")
+                              f"(num_classes, model_args): {problems}")
     return config
 
 

@@ -1,10 +1,10 @@
-"""The output contract shared by every zoo model, and the input checks they all make."""
+"""The output contract shared by every zoo model, and the input checks they (and ``explain``) make."""
 
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["ModelOutput", "check_image_batch", "logits_of"]
+__all__ = ["ModelOutput", "check_image_batch", "logits_of", "model_name"]
 
 
 class ModelOutput(NamedTuple):
@@ -24,23 +24,32 @@ def logits_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
-    """Raise a ValueError that names the problem when ``x`` is not an image batch the model can take."""
+def model_name(model: torch.nn.Module) -> str:
+    """The name a model goes by in error messages: its timm architecture, else its class's name."""
+    return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int, name: str, min_size: int | None = None) -> None:
+    """Raise an error that names the problem unless ``x`` is a floating-point image batch [B, in_chans, H, W]
+    (a TypeError for anything but a tensor, a ValueError otherwise), at least ``min_size`` pixels high and wide
+    when given: the stride of the model's last stage."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{model_name} expects a torch.Tensor image batch, got {type(x).__name__}")
+        raise TypeError(f"{name} expects a torch.Tensor image batch, got {type(x).__name__}")
     if x.ndim != 4:
         hint = " (a single image? add the batch dimension with x.unsqueeze(0))" if x.ndim == 3 else ""
         raise ValueError(
-            f"{model_name} expects an image batch [B, C, H, W], got a {x.ndim}-D tensor of shape "
+            f"{name} expects an image batch [B, C, H, W], got a {x.ndim}-D tensor of shape "
             f"{tuple(x.shape)}{hint}"
         )
     if x.shape[1] != in_chans:
         raise ValueError(
-            f"{model_name} expects {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
+            f"{name} expects {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
         )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} expects a floating-point image batch, got {x.dtype}")
     height, width = x.shape[-2:]
-    if min(height, width) < min_size:
+    if min_size is not None and min(height, width) < min_size:
         raise ValueError(
-            f"input {height}x{width} is too small for {model_name}: its last stage has stride {min_size}, "
+            f"input {height}x{width} is too small for {name}: its last stage has stride {min_size}, "
             f"so height and width must be at least {min_size}"
         )

@@ -4,12 +4,12 @@ Pixels are taken in descending order of saliency, a fixed number per step. Inser
 copy of the image and puts the original pixels back; deletion starts from the image and replaces its pixels
 by a constant. At each of the ``steps + 1`` points (0, 1, ..., ``steps`` steps done) the model gives the
 softmax probability of the target class; the score is the area under that curve by the trapezoid rule with
-the x axis normalised to [0, 1] (higher is better for insertion, lower for deletion). The papers report it
-times 100.
+the x axis normalised to [0, 1] (higher is better for insertion, lower for deletion): a fraction per image, I and
+D its mean in percent (``zoo.metrics.reported_value``).
 
 Protocols (``PROTOCOLS``; a ``PerturbationProtocol`` of your own works too):
 
-- ``"released"`` (the default): what the authors' released evaluation does (SPEC §6): 28 steps at
+- ``"released"`` (the default): what the authors' released evaluation does: 28 steps at
   224x224, i.e. 224 * 8 = 1792 pixels per step and 29 evaluations; insertion into a blur with a 5x5
   Gaussian kernel, sigma 5; deletion to 0 in the normalised tensor (the dataset mean colour). It is the
   default because it is what the authors' code runs (the thesis' text states the 224-step protocol; which
@@ -38,13 +38,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo.evaluation.saliency.core import check_targets, evaluating
 
+from zoo.evaluation.saliency.core import check_targets, evaluating
+from zoo.metrics import Metric, register_metric
 from zoo.output import logits_of
+
+from ._checks import check_maps
 
 # blur and gaussian_kernel are public too, but stay out of the package namespace
 __all__ = ["DEFAULT_PROTOCOL", "PROTOCOLS", "InsertionDeletionScores", "PerturbationCurves", "PerturbationProtocol",
-           "area_under_curve", "insertion_deletion", "perturbation_curves", "target_probabilities"]
+           "area_under_curve", "blur", "deletion_area", "insertion_area", "insertion_deletion", "perturbation_curves",
+           "target_probabilities"]
 
 
 @dataclass(frozen=True)
@@ -150,17 +154,12 @@ def _check_inputs(images, maps, targets, batch_size) -> torch.Tensor | None:
         raise ValueError(f"images must be a float tensor [B, C, H, W], got {got}")
     if len(images) == 0:
         raise ValueError("images is an empty batch: there is nothing to perturb")
-    if not isinstance(maps, torch.Tensor) or maps.ndim != 3 or not maps.is_floating_point():
-        got = f"{maps.dtype} tensor of shape {tuple(maps.shape)}" if isinstance(maps, torch.Tensor) \
-            else type(maps).__name__
-        raise ValueError(f"maps must be a float tensor [B, H, W], got {got}")
+    check_maps(maps=maps)
     if maps.shape[0] != images.shape[0]:
         raise ValueError(f"{maps.shape[0]} maps for {images.shape[0]} images: give one map per image")
     if maps.shape[-2:] != images.shape[-2:]:
         raise ValueError(f"maps are {tuple(maps.shape[-2:])} but images are {tuple(images.shape[-2:])}: upsample "
-                         "the maps to the image size first (e.g. evaluation.saliency.core.normalise_per_image)")
-    if not torch.isfinite(maps).all():
-        raise ValueError(f"maps hold NaN or Inf at {int((~torch.isfinite(maps)).sum())} of {maps.numel()} pixels")
+                         "the maps to the image size first (e.g. zoo.evaluation.saliency.core.normalise_per_image)")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return check_targets(targets, len(images), images.device)
@@ -228,9 +227,25 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
     return PerturbationCurves(insertion, deletion)
 
 
+def insertion_area(curves: PerturbationCurves) -> torch.Tensor:
+    """Insertion score per image [B]: the area under its insertion curve, in [0, 1], higher is better."""
+    return area_under_curve(curves.insertion)
+
+
+def deletion_area(curves: PerturbationCurves) -> torch.Tensor:
+    """Deletion score per image [B]: the area under its deletion curve, in [0, 1], lower is better."""
+    return area_under_curve(curves.deletion)
+
+
 def insertion_deletion(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, targets=None,
                        protocol: str | PerturbationProtocol = DEFAULT_PROTOCOL,
                        batch_size: int | None = None) -> InsertionDeletionScores:
-    """Insertion and deletion scores per image, [B] each: ``area_under_curve`` of ``perturbation_curves``."""
+    """Insertion and deletion scores per image, [B] each, from ``perturbation_curves``."""
     curves = perturbation_curves(model, images, maps, targets, protocol, batch_size)
-    return InsertionDeletionScores(area_under_curve(curves.insertion), area_under_curve(curves.deletion))
+    return InsertionDeletionScores(insertion_area(curves), deletion_area(curves))
+
+
+register_metric(Metric(key="I", name="insertion AUC", index_type="insertion", higher_is_better=True,
+                       per_image=insertion_area, needs=("curves",), table="faithfulness", group="curves"))
+register_metric(Metric(key="D", name="deletion AUC", index_type="deletion", higher_is_better=False,
+                       per_image=deletion_area, needs=("curves",), table="faithfulness", group="curves"))

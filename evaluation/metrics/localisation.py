@@ -1,26 +1,32 @@
-"""Localisation metrics: how a saliency map agrees with the ground-truth boxes of its image (thesis eq. 1.16-1.22).
+"""Localisation metrics: how a saliency map agrees with the ground-truth boxes of its image (thesis eq. 1.16-1.22,
+Table 2.6).
 
 Conventions (all functions):
 
 - ``maps``: [N, H, W] float tensor in [0, 1] at image resolution (as ``zoo.evaluation.saliency.explain`` gives).
-- ``gt_boxes``: a sequence of N tensors [n_i, 4], n_i >= 1, in pixel coordinates (x0, y0, x1, y1) with x1, y1
-  *exclusive*, as torchvision's XYXY boxes (``tv_tensors.BoundingBoxes``, ``torchvision.ops``): a box touching
-  the right border has x1 = W, its area is (x1 - x0)(y1 - y0), and pixel (u, v) belongs to it when its centre
-  (u + 0.5, v + 0.5) does. Boxes may be float. ``BoundingBoxes`` must be XYXY on an H x W canvas.
+- ``boxes``: the ground truth, a sequence of N tensors [n_i, 4], n_i >= 1, in pixel coordinates (x0, y0, x1, y1)
+  with x1, y1 *exclusive*, as torchvision's XYXY boxes (``tv_tensors.BoundingBoxes``, ``torchvision.ops``): a box
+  touching the right border has x1 = W, its area is (x1 - x0)(y1 - y0), and pixel (u, v) belongs to it when its
+  centre (u + 0.5, v + 0.5) does. Boxes may be float. ``BoundingBoxes`` must be XYXY on an H x W canvas.
 - Predicted box B_p: the map binarised by S > threshold (strictly; by default the map's own mean), then the
   bounding box of its largest 8-connected component (ties between equally large components: the one whose
   first pixel in raster order comes first). A map with no pixel above the threshold (all-zero or constant
   maps at their mean) gives the empty box (0, 0, 0, 0): IoU 0 with every box, area 0.
 - IoU is that of the boxes as rectangles (``torchvision.ops.box_iou``), i.e. of their pixel sets for integer
   boxes such as B_p.
-- Per-image values are returned, in percent where the thesis uses percentages (OM, LE, precision / EP,
-  recall, F1, BoxAcc hits, SP); the Saliency Metric is a plain number. The thesis' figures are their means.
+- Per-image values are returned, as fractions where the thesis uses percentages (OM, LE, precision / EP,
+  recall, F1, BoxAcc hits, SP); the Saliency Metric is a plain number. The thesis' figures are their means (BoxAcc:
+  ``max_box_accuracy``), in percent (``zoo.metrics.reported_value``).
 """
 
 from collections.abc import Sequence
 
 import torch
 from torchvision import tv_tensors
+
+from zoo.metrics import Metric, check_class_ids, register_metric
+
+from ._checks import check_maps, check_unit_interval
 
 __all__ = [
     "BOX_ACCURACY_IOUS",
@@ -44,57 +50,40 @@ _CHUNK = 2**24  # pixels labelled at once by box_accuracy
 
 
 def _check_maps(maps: torch.Tensor) -> tuple[int, int, int]:
-    if not isinstance(maps, torch.Tensor) or maps.ndim != 3 or not maps.is_floating_point():
-        got = f"{maps.dtype} tensor of shape {list(maps.shape)}" if isinstance(maps, torch.Tensor) else type(maps)
-        raise ValueError(f"maps must be a float tensor [N, H, W], got a {got}")
-    if maps.numel() == 0:
-        raise ValueError(f"maps are empty: shape {list(maps.shape)}")
-    if maps.isnan().any():
-        raise ValueError("maps contain NaN")
-    if not ((maps >= 0) & (maps <= 1)).all():
-        raise ValueError("maps must lie in [0, 1] (min-max normalise them, as evaluation.saliency.explain does)")
-    return maps.shape
+    shape = check_maps(maps=maps)
+    check_unit_interval(maps=maps)
+    return shape
 
 
-_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def _check_classes(name: str, ids: torch.Tensor, n: int) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.shape != (n,) or ids.dtype not in _INTEGERS:
-        raise ValueError(f"{name} must be an integer tensor [{n}], one class id per map")
-    if (ids < 0).any():
-        raise ValueError(f"{name} must be non-negative class ids")
-
-
-def _gt_boxes(gt_boxes: Sequence[torch.Tensor], maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gt_boxes(boxes: Sequence[torch.Tensor], maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the ground-truth boxes; return them padded, [N, M, 4] in the maps' dtype and device, and
     which entries are real, [N, M]."""
     n, h, w = _check_maps(maps)
-    if isinstance(gt_boxes, torch.Tensor) or len(gt_boxes) != n:
-        raise ValueError(f"gt_boxes must be a sequence of {n} tensors [n_i, 4], one per map")
+    if isinstance(boxes, torch.Tensor) or len(boxes) != n:
+        raise ValueError(f"boxes must be a sequence of {n} tensors [n_i, 4], one per map")
     rows = []
-    for i, boxes in enumerate(gt_boxes):
-        if isinstance(boxes, tv_tensors.BoundingBoxes):
-            if boxes.format != tv_tensors.BoundingBoxFormat.XYXY:
-                raise ValueError(f"gt_boxes[{i}] are {boxes.format.name} boxes; convert them to XYXY")
-            if tuple(boxes.canvas_size) != (h, w):
-                raise ValueError(f"maps are {h}x{w} but gt_boxes[{i}] lie on a "
-                                 f"{boxes.canvas_size[0]}x{boxes.canvas_size[1]} image")
-            boxes = boxes.as_subclass(torch.Tensor)
-        if not isinstance(boxes, torch.Tensor) or boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
-            shape = list(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-            raise ValueError(f"gt_boxes[{i}] must be a tensor [n_i >= 1, 4] of (x0, y0, x1, y1), got {shape}")
-        rows.append(boxes.to(maps.device, maps.dtype))
+    for i, given in enumerate(boxes):
+        if isinstance(given, tv_tensors.BoundingBoxes):
+            if given.format != tv_tensors.BoundingBoxFormat.XYXY:
+                raise ValueError(f"boxes[{i}] are {given.format.name} boxes; convert them to XYXY")
+            if tuple(given.canvas_size) != (h, w):
+                raise ValueError(f"maps are {h}x{w} but boxes[{i}] lie on a "
+                                 f"{given.canvas_size[0]}x{given.canvas_size[1]} image")
+            given = given.as_subclass(torch.Tensor)
+        if not isinstance(given, torch.Tensor) or given.ndim != 2 or given.shape[1] != 4 or len(given) == 0:
+            shape = list(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+            raise ValueError(f"boxes[{i}] must be a tensor [n_i >= 1, 4] of (x0, y0, x1, y1), got {shape}")
+        rows.append(given.to(maps.device, maps.dtype))
     padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
     counts = torch.tensor([len(r) for r in rows], device=maps.device)
     valid = torch.arange(padded.shape[1], device=maps.device) < counts[:, None]
     if not padded.isfinite().all():
-        raise ValueError("gt_boxes contain NaN or Inf")
+        raise ValueError("boxes contain NaN or Inf")
     x0, y0, x1, y1 = padded[valid].unbind(-1)
     if ((x1 <= x0) | (y1 <= y0)).any():
-        raise ValueError("gt_boxes contain an empty box (x1 <= x0 or y1 <= y0); x1, y1 are exclusive")
+        raise ValueError("boxes contain an empty box (x1 <= x0 or y1 <= y0); x1, y1 are exclusive")
     if ((x0 < 0) | (y0 < 0) | (x1 > w) | (y1 > h)).any():
-        raise ValueError(f"gt_boxes reach outside the {h}x{w} maps (0 <= x0 < x1 <= {w}, 0 <= y0 < y1 <= {h}); "
+        raise ValueError(f"boxes reach outside the {h}x{w} maps (0 <= x0 < x1 <= {w}, 0 <= y0 < y1 <= {h}); "
                          "are the maps at image resolution?")
     return padded, valid
 
@@ -161,20 +150,20 @@ def _max_iou(boxes: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torc
     return torch.where(valid, inter / (area - inter).clamp(min=1e-12), 0).amax(-1)
 
 
-def official_metric(maps: torch.Tensor, gt_boxes: Sequence[torch.Tensor], predictions: torch.Tensor,
+def official_metric(maps: torch.Tensor, boxes: Sequence[torch.Tensor], predictions: torch.Tensor,
                     labels: torch.Tensor) -> torch.Tensor:
-    """OM = 100 (1 - max_B IoU(B, B_p) 1[c_p = c]) per image, lower is better (eq. 1.16)."""
-    gt, valid = _gt_boxes(gt_boxes, maps)
-    _check_classes("predictions", predictions, len(maps))
-    _check_classes("labels", labels, len(maps))
+    """OM = 1 - max_B IoU(B, B_p) 1[c_p = c] per image, lower is better (eq. 1.16)."""
+    gt, valid = _gt_boxes(boxes, maps)
+    check_class_ids("predictions", predictions, len(maps))
+    check_class_ids("labels", labels, len(maps))
     correct = (predictions.to(maps.device) == labels.to(maps.device)).to(maps.dtype)
-    return 100 * (1 - _max_iou(predicted_boxes(maps), gt, valid) * correct)
+    return 1 - _max_iou(predicted_boxes(maps), gt, valid) * correct
 
 
-def localisation_error(maps: torch.Tensor, gt_boxes: Sequence[torch.Tensor]) -> torch.Tensor:
-    """LE = 100 (1 - max_B IoU(B, B_p)) per image, lower is better (eq. 1.17)."""
-    gt, valid = _gt_boxes(gt_boxes, maps)
-    return 100 * (1 - _max_iou(predicted_boxes(maps), gt, valid))
+def localisation_error(maps: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """LE = 1 - max_B IoU(B, B_p) per image, lower is better (eq. 1.17)."""
+    gt, valid = _gt_boxes(boxes, maps)
+    return 1 - _max_iou(predicted_boxes(maps), gt, valid)
 
 
 def _near_boxes(gt: torch.Tensor, valid: torch.Tensor, h: int, w: int, tolerance: float = 0) -> torch.Tensor:
@@ -190,47 +179,47 @@ def _near_boxes(gt: torch.Tensor, valid: torch.Tensor, h: int, w: int, tolerance
     return (near & valid[..., None, None]).any(1)
 
 
-def _precision_recall(maps: torch.Tensor, gt_boxes: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """P (eq. 1.18, 0 for an all-zero map) and R (eq. 1.19) per image, as fractions."""
-    gt, valid = _gt_boxes(gt_boxes, maps)
+def _precision_recall(maps: torch.Tensor, boxes: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """P (eq. 1.18, 0 for an all-zero map) and R (eq. 1.19) per image."""
+    gt, valid = _gt_boxes(boxes, maps)
     union = _near_boxes(gt, valid, *maps.shape[1:])
     size = union.sum((1, 2))
     if not (size > 0).all():
-        raise ValueError("gt_boxes of some image cover no pixel centre")
+        raise ValueError("boxes of some image cover no pixel centre")
     inside, total = (maps * union).sum((1, 2)), maps.sum((1, 2))
     precision = torch.where(total > 0, inside / total.clamp(min=torch.finfo(maps.dtype).tiny), 0)
     return precision, inside / size
 
 
-def pixel_precision(maps: torch.Tensor, gt_boxes: Sequence[torch.Tensor]) -> torch.Tensor:
-    """P = 100 sum_{p in U} S_p / sum_p S_p per image (eq. 1.18), which is also the energy pointing game;
+def pixel_precision(maps: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """P = sum_{p in U} S_p / sum_p S_p per image (eq. 1.18), which is also the energy pointing game;
     0 for an all-zero map."""
-    return 100 * _precision_recall(maps, gt_boxes)[0]
+    return _precision_recall(maps, boxes)[0]
 
 
 energy_pointing_game = pixel_precision  # EP (Wang et al. 2020) is the precision of eq. 1.18
 
 
-def pixel_recall(maps: torch.Tensor, gt_boxes: Sequence[torch.Tensor]) -> torch.Tensor:
-    """R = 100 sum_{p in U} S_p / |U| per image (eq. 1.19)."""
-    return 100 * _precision_recall(maps, gt_boxes)[1]
+def pixel_recall(maps: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """R = sum_{p in U} S_p / |U| per image (eq. 1.19)."""
+    return _precision_recall(maps, boxes)[1]
 
 
-def pixel_f1(maps: torch.Tensor, gt_boxes: Sequence[torch.Tensor]) -> torch.Tensor:
-    """F1 = 100 2PR / (P + R) per image (eq. 1.18-1.19); 0 when P + R = 0."""
-    p, r = _precision_recall(maps, gt_boxes)
-    return 100 * torch.where(p + r > 0, 2 * p * r / (p + r).clamp(min=torch.finfo(p.dtype).tiny), 0)
+def pixel_f1(maps: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """F1 = 2PR / (P + R) per image (eq. 1.18-1.19); 0 when P + R = 0."""
+    p, r = _precision_recall(maps, boxes)
+    return torch.where(p + r > 0, 2 * p * r / (p + r).clamp(min=torch.finfo(p.dtype).tiny), 0)
 
 
-def pointing_game(maps: torch.Tensor, gt_boxes: Sequence[torch.Tensor], tolerance: float = 0) -> torch.Tensor:
-    """SP = 100 1[p* in U] per image (eq. 1.21). Ties: a hit when any pixel of maximal saliency lies in U
+def pointing_game(maps: torch.Tensor, boxes: Sequence[torch.Tensor], tolerance: float = 0) -> torch.Tensor:
+    """SP = 1[p* in U] per image (eq. 1.21). Ties: a hit when any pixel of maximal saliency lies in U
     (as Quantus' PointingGame), so a constant map always hits. ``tolerance`` (pixels; Zhang et al. use 15)
     also counts pixels within that distance of U."""
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be a non-negative number of pixels, got {tolerance}")
-    gt, valid = _gt_boxes(gt_boxes, maps)
+    gt, valid = _gt_boxes(boxes, maps)
     peaks = maps == maps.amax((1, 2), keepdim=True)
-    return 100 * (peaks & _near_boxes(gt, valid, *maps.shape[1:], tolerance)).flatten(1).any(1).to(maps.dtype)
+    return (peaks & _near_boxes(gt, valid, *maps.shape[1:], tolerance)).flatten(1).any(1).to(maps.dtype)
 
 
 def _thresholds(name: str, values: Sequence[float] | torch.Tensor, low: float, high: float, maps: torch.Tensor):
@@ -240,20 +229,20 @@ def _thresholds(name: str, values: Sequence[float] | torch.Tensor, low: float, h
     return values
 
 
-def box_accuracy(maps: torch.Tensor, gt_boxes: Sequence[torch.Tensor],
+def box_accuracy(maps: torch.Tensor, boxes: Sequence[torch.Tensor],
                  thresholds: Sequence[float] | torch.Tensor = BOX_ACCURACY_THRESHOLDS,
                  ious: Sequence[float] | torch.Tensor = BOX_ACCURACY_IOUS) -> torch.Tensor:
-    """BoxAcc(eta, delta) hits, 100 max_B 1[IoU(B_p^eta, B) >= delta] (eq. 1.20), as [N, T, D] for the
-    T map thresholds eta (box from S > eta) and the D IoU thresholds delta; see ``max_box_accuracy``."""
-    gt, valid = _gt_boxes(gt_boxes, maps)
+    """BoxAcc(eta, delta) hits, max_B 1[IoU(B_p^eta, B) >= delta] (eq. 1.20), as [N, T, D] for the T map
+    thresholds eta (box from S > eta) and the D IoU thresholds delta; see ``max_box_accuracy``."""
+    gt, valid = _gt_boxes(boxes, maps)
     n, h, w = maps.shape
     etas = _thresholds("thresholds", thresholds, 0, 1, maps)
     deltas = _thresholds("ious", ious, 0, 1, maps)
     step = max(1, _CHUNK // max(1, n * h * w))
-    boxes = torch.cat([_component_boxes((maps > chunk[:, None, None, None]).flatten(0, 1)).view(-1, n, 4)
-                       for chunk in etas.split(step)]).to(maps.dtype)  # [T, N, 4]
-    best = _max_iou(boxes, gt, valid).T  # [N, T]
-    return 100 * (best[..., None] >= deltas).to(maps.dtype)
+    predicted = torch.cat([_component_boxes((maps > chunk[:, None, None, None]).flatten(0, 1)).view(-1, n, 4)
+                           for chunk in etas.split(step)]).to(maps.dtype)  # [T, N, 4]
+    best = _max_iou(predicted, gt, valid).T  # [N, T]
+    return (best[..., None] >= deltas).to(maps.dtype)
 
 
 def max_box_accuracy(hits: torch.Tensor) -> torch.Tensor:
@@ -265,14 +254,35 @@ def max_box_accuracy(hits: torch.Tensor) -> torch.Tensor:
     return hits.mean(0).amax(0).mean()
 
 
-def saliency_metric(maps: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """SM = log max(0.05, |B_p| / (hw)) - log p_c per image, lower is better (eq. 1.22); ``probs`` [N]
-    holds p_c in (0, 1]."""
+def saliency_metric(maps: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """SM = log max(0.05, |B_p| / (hw)) - log p_c per image, lower is better (eq. 1.22); ``p`` [N] holds p_c in
+    (0, 1]. A plain number, not a fraction."""
     n, h, w = _check_maps(maps)
-    if not isinstance(probs, torch.Tensor) or probs.shape != (n,):
-        raise ValueError(f"probs must be a tensor [{n}] of class probabilities, one per map")
-    if not ((probs > 0) & (probs <= 1)).all():
-        raise ValueError("probs must lie in (0, 1]")
-    boxes = predicted_boxes(maps)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (h * w)
-    return area.clamp(min=0.05).log() - probs.to(maps.device, maps.dtype).log()
+    if not isinstance(p, torch.Tensor) or p.shape != (n,):
+        raise ValueError(f"p must be a tensor [{n}] of class probabilities, one per map")
+    if not ((p > 0) & (p <= 1)).all():
+        raise ValueError("p must lie in (0, 1]")
+    predicted = predicted_boxes(maps)
+    area = (predicted[:, 2] - predicted[:, 0]) * (predicted[:, 3] - predicted[:, 1]) / (h * w)
+    return area.clamp(min=0.05).log() - p.to(maps.device, maps.dtype).log()
+
+
+register_metric(Metric(key="OM", name="official metric", index_type="official_metric", higher_is_better=False,
+                       per_image=official_metric, needs=("maps", "boxes", "predictions", "labels"),
+                       table="localisation", group="localisation", only_for="single-label"))
+register_metric(Metric(key="LE", name="localisation error", index_type="localisation_error", higher_is_better=False,
+                       per_image=localisation_error, needs=("maps", "boxes"), table="localisation",
+                       group="localisation"))
+register_metric(Metric(key="F1", name="pixel-wise F1", index_type="pixel_f1", higher_is_better=True,
+                       per_image=pixel_f1, needs=("maps", "boxes"), table="localisation", group="localisation"))
+register_metric(Metric(key="BA", name="MaxBoxAcc", index_type="max_box_accuracy", higher_is_better=True,
+                       per_image=box_accuracy, needs=("maps", "boxes"), table="localisation", group="localisation",
+                       reduce=max_box_accuracy))
+register_metric(Metric(key="SP", name="pointing game", index_type="pointing_game", higher_is_better=True,
+                       per_image=pointing_game, needs=("maps", "boxes"), table="localisation", group="localisation"))
+register_metric(Metric(key="EP", name="energy pointing game", index_type="energy_pointing_game",
+                       higher_is_better=True, per_image=energy_pointing_game, needs=("maps", "boxes"),
+                       table="localisation", group="localisation"))
+register_metric(Metric(key="SM", name="saliency metric", index_type="saliency_metric", higher_is_better=False,
+                       per_image=saliency_metric, needs=("maps", "p"), table="localisation", group="localisation",
+                       percent=False))

@@ -9,9 +9,10 @@ from .core import (
     default_layer,
     explain,
     mask_images,
+    normalise_per_image,
     pixel_statistics,
     saliency_method,
 )
 
-__all__ = ["METHODS", "Explainer", "check_options", "default_layer", "explain", "mask_images", "pixel_statistics",
-           "saliency_method"]
+__all__ = ["METHODS", "Explainer", "check_options", "default_layer", "explain", "mask_images", "normalise_per_image",
+           "pixel_statistics", "saliency_method"]

@@ -19,12 +19,12 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from zoo import CAStream
-from zoo.output import logits_of
+from zoo.output import check_image_batch, logits_of, model_name
 
 from .tokens import layer_layout, patch_grid
 
 __all__ = ["METHODS", "Explainer", "Number", "OneOf", "check_options", "default_layer", "explain", "mask_images",
-           "pixel_statistics", "saliency_method"]
+           "normalise_per_image", "pixel_statistics", "saliency_method"]
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {}
 _ALIASES: dict[str, str] = {}
@@ -317,20 +317,15 @@ def _positions(mask: torch.Tensor) -> str:
     return ", ".join(map(str, mask.nonzero().flatten().tolist()))
 
 
-def _check_images(images: torch.Tensor, model: nn.Module, model_name: str) -> None:
-    channels = getattr(model, "in_chans", 3)
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != channels \
-            or not images.is_floating_point():
-        got = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) \
-            else type(images).__name__
-        raise ValueError(f"images for {model_name} must be a float tensor [B, {channels}, H, W], got {got}")
+def _check_images(images: torch.Tensor, model: nn.Module, name: str) -> None:
+    check_image_batch(images, getattr(model, "in_chans", 3), name)
     finite = images.flatten(1).isfinite().all(1)
     if not finite.all():
-        raise ValueError(f"images for {model_name} are not finite (NaN or Inf) at batch positions "
+        raise ValueError(f"images for {name} are not finite (NaN or Inf) at batch positions "
                          f"{_positions(~finite)}")
     net = backbone_of(model)
     if hasattr(net, "patch_embed"):  # a size the patch embedding refuses is named before any forward
-        patch_grid(net, images.shape[-2:], model_name)
+        patch_grid(net, images.shape[-2:], name)
 
 
 def check_targets(targets, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -358,11 +353,11 @@ def explain(model: nn.Module, images: torch.Tensor, method: str, targets=None, l
     hook is left on it.
     """
     check_options(method, options)
-    model_name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-    _check_images(images, model, model_name)
+    name = model_name(model)
+    _check_images(images, model, name)
     targets = check_targets(targets, len(images), images.device)
     with _explaining(model):
-        explainer = Explainer(model, images.detach(), targets, layer, model_name)
+        explainer = Explainer(model, images.detach(), targets, layer, name)
         raw = METHODS[method](explainer, **options)
         if not raw.isfinite().all():  # only then one more forward, to tell a broken model from a rounding issue
             explainer.check_outputs()

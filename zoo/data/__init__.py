@@ -12,7 +12,12 @@ Every reader is a torch ``Dataset`` with ``classes`` (names) and ``transforms``,
 (``CUB200``), "voc" (``VOC2012``), "cifar100" (``CIFAR100``), "fashion-mnist" (``FashionMNIST``, through
 torchvision) and "fashion-mnist-idx" (``FashionMNISTIdx``, offline from ``FASHION_MNIST_DEBIAN_DIR``, where
 ``apt-get install dataset-fashion-mnist`` puts the files). VOC's ``label`` counts difficult objects unless
-``difficult="drop"`` (see ``VOC2012``).
+``difficult="drop"`` (see ``VOC2012``). ``find_fashion_mnist()`` says where Fashion-MNIST is (a given folder, the
+Debian package's, installed with apt when possible, or torchvision's download) and in which layout.
+
+``first_images(name, root, config, count)`` gives a dataset's first images preprocessed for a model's data config,
+stacked, with their targets; ``box_share(dataset)`` the mean share of the image its box covers (the pointing
+game's chance level).
 
 "fashion-canvas" (``FashionCanvas``) and "fashion-canvas-multi" (``FashionCanvasMulti``) turn Fashion-MNIST
 into localisation data, generated on the fly: each item at a random place and scale on a black ``size`` x
@@ -48,18 +53,20 @@ A box of negative width or height, or reaching outside the image, is a ValueErro
 XML object) that gave it, raised when its sample is read, the first time the image's size is known.
 """
 
-from .base import ImageDataset, collate, make_target, sanitize_boxes
+from .base import ImageDataset, box_share, collate, make_target, sanitize_boxes
 from .canvas import FashionCanvas, FashionCanvasMulti
 from .classification import (
     CIFAR100,
     FASHION_MNIST_DEBIAN_DIR,
     FashionMNIST,
+    FashionMNISTFiles,
     FashionMNISTIdx,
     ImageFolderDataset,
+    find_fashion_mnist,
     read_idx,
 )
 from .cub import CUB200
-from .factory import DATASETS, build_dataset
+from .factory import DATASETS, build_dataset, first_images
 from .voc import VOC2012, VOC_CLASSES
 
 __all__ = [
@@ -72,11 +79,15 @@ __all__ = [
     "FashionCanvas",
     "FashionCanvasMulti",
     "FashionMNIST",
+    "FashionMNISTFiles",
     "FashionMNISTIdx",
     "ImageDataset",
     "ImageFolderDataset",
+    "box_share",
     "build_dataset",
     "collate",
+    "find_fashion_mnist",
+    "first_images",
     "make_target",
     "read_idx",
     "sanitize_boxes",

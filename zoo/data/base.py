@@ -151,3 +151,25 @@ class ImageDataset(Dataset, ABC):
             where = f" (listed at {listed_at})" if listed_at else ""
             raise FileNotFoundError(f"{path} not found{where}; {type(self).__name__} expects {self.layout}")
         return path
+
+
+def first(data: ImageDataset, count: int) -> range:
+    """The indices of the first ``count`` samples of ``data``; a ValueError unless it has that many (and count >= 1)."""
+    if not 0 < count <= len(data):
+        raise ValueError(f"count must be between 1 and the {len(data)} samples of {type(data).__name__} "
+                         f"{data.split}, got {count}")
+    return range(count)
+
+
+def box_share(data: ImageDataset, count: int | None = None) -> float:
+    """The mean share of the image that its box covers, over the first ``count`` samples of ``data`` (all by
+    default), each holding one box (as CUB's and the single-object canvases'): the rate at which a point drawn
+    uniformly at random falls into the box, i.e. the chance level of the standard pointing game (thesis eq. 1.21)."""
+    shares = []
+    for index in first(data, len(data) if count is None else count):
+        boxes = data.load(index)[1]["boxes"]
+        if len(boxes) != 1:
+            raise ValueError(f"sample {index} has {len(boxes)} boxes: a box share needs exactly one per image")
+        (x1, y1, x2, y2), (height, width) = boxes[0].tolist(), boxes.canvas_size
+        shares.append((x2 - x1) * (y2 - y1) / (width * height))
+    return sum(shares) / len(shares)

@@ -1,9 +1,13 @@
-"""Readers of classification-only datasets (no boxes): class folders, CIFAR-100, Fashion-MNIST."""
+"""Readers of classification-only datasets (no boxes): class folders, CIFAR-100, Fashion-MNIST (and finding it)."""
 
 import gzip
+import os
+import shutil
 import struct
+import subprocess
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torchvision.datasets as tvd
@@ -135,3 +139,38 @@ class FashionMNISTIdx(ImageDataset):
     def load(self, index: int) -> Sample:
         image = Image.fromarray(self.images[index])
         return image, make_target(image, int(self.labels[index]))
+
+
+class FashionMNISTFiles(NamedTuple):
+    """Where Fashion-MNIST lies: ``root`` and its layout, ``source`` ("idx": the idx files themselves, as the
+    Debian package has them; "torchvision": torchvision's layout), the canvases' ``source`` option."""
+
+    root: str
+    source: str
+
+    @property
+    def dataset(self) -> str:
+        """The ``build_dataset`` name of the plain 28x28 images in this layout."""
+        return "fashion-mnist-idx" if self.source == "idx" else "fashion-mnist"
+
+
+def find_fashion_mnist(folder: Path | None = None, download_root: Path = Path("data")) -> FashionMNISTFiles:
+    """Fashion-MNIST offline if possible: ``folder`` of idx files if given, else the Debian package's files in
+    ``FASHION_MNIST_DEBIAN_DIR`` (``apt-get install dataset-fashion-mnist`` is run when they are missing and apt is
+    at hand, as root or through password-less sudo), else torchvision's copy, downloaded into ``download_root``
+    once."""
+    if folder is not None:
+        return FashionMNISTFiles(str(folder), "idx")
+    marker = FASHION_MNIST_DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz"
+    if not marker.exists() and shutil.which("apt-get"):
+        command = ["apt-get", "install", "-y", "dataset-fashion-mnist"]
+        if os.geteuid() != 0 and shutil.which("sudo"):
+            command = ["sudo", "-n", *command]
+        print(f"Fashion-MNIST is missing: {' '.join(command)}")
+        subprocess.run(command, check=False)
+    if marker.exists():
+        return FashionMNISTFiles(str(FASHION_MNIST_DEBIAN_DIR), "idx")
+    print(f"Fashion-MNIST through torchvision (downloaded into {download_root}/ once)")
+    for split in ("train", "test"):
+        FashionMNIST(download_root, split, download=True)
+    return FashionMNISTFiles(str(download_root), "torchvision")

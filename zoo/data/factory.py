@@ -1,9 +1,12 @@
-"""``build_dataset``: every reader by name."""
+"""``build_dataset``: every reader by name; ``first_images``: a reader's first images, ready for a model."""
 
-from .base import ImageDataset
+import torch
+
+from .base import ImageDataset, Target, first
 from .canvas import FashionCanvas, FashionCanvasMulti
 from .classification import CIFAR100, FashionMNIST, FashionMNISTIdx, ImageFolderDataset
 from .cub import CUB200
+from .transforms import eval_transform
 from .voc import VOC2012
 
 DATASETS: dict[str, type[ImageDataset]] = {
@@ -29,3 +32,13 @@ def build_dataset(name: str, root, split: str, transforms=None, download: bool =
             raise ValueError(f"{name!r} cannot be downloaded (only {', '.join(downloadable)} can)")
         options["download"] = True
     return reader(root, split, transforms, **options)
+
+
+def first_images(name: str, root, config: dict, count: int, split: str = "test",
+                 **options) -> tuple[torch.Tensor, list[Target]]:
+    """The first ``count`` images of ``split`` of the dataset ``name``, preprocessed for evaluation with the timm
+    data ``config`` (``transforms.eval_transform``; a checkpoint's is its ``pretrained_cfg``) and stacked
+    [count, C, H, W], and their targets; ``options`` go to the reader."""
+    data = build_dataset(name, root, split, eval_transform(config), **options)
+    samples = [data[index] for index in first(data, count)]
+    return torch.stack([image for image, _ in samples]), [target for _, target in samples]

@@ -27,8 +27,8 @@ from timm.models import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..hub import hub_id
-from ..output import ModelOutput, check_image_batch
+from ..hub import checkpoint_mismatch, hub_id
+from ..output import ModelOutput, check_image_batch, model_name
 from ._builder import build_zoo_model
 
 __all__ = ["CAStream", "CrossAttentionBlock", "CrossAttentionStream", "StreamOutput", "checkpoint_filter_fn"]
@@ -196,8 +196,7 @@ class CAStream(nn.Module):
 
     def forward_stream(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> StreamOutput:
         """Backbone and stream together: final query, every stage's attention, last features."""
-        name = getattr(self, "pretrained_cfg", {}).get("architecture") or type(self).__name__
-        check_image_batch(x, self.in_chans, self.min_input_size, name)
+        check_image_batch(x, self.in_chans, model_name(self), self.min_input_size)
         features = self._stage_features(x)
         if self.class_specific:
             features = list(features)
@@ -329,16 +328,10 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CAStream) -
     cfg = model.pretrained_cfg
     adaptable = {f"{cfg[name]}.{param}" for name in ("classifier", "first_conv") if cfg.get(name)
                  for param in ("weight", "bias")}
-    missing = sorted(k for k in expected.keys() - state_dict.keys() if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
-                   for k in sorted(expected.keys() & state_dict.keys())
-                   if k not in adaptable and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        problems = [f"{len(found)} {what} (e.g. {', '.join(found[:3])})"
-                    for what, found in (("missing keys", missing), ("unexpected keys", unexpected),
-                                        ("shape mismatches, checkpoint vs model", wrong_shape)) if found]
-        raise ValueError(f"checkpoint does not fit {cfg.get('architecture', 'this model')}: {'; '.join(problems)}. "
+    problems = checkpoint_mismatch({key: value.shape for key, value in state_dict.items()},
+                                   {key: value.shape for key, value in expected.items()}, adaptable)
+    if problems:
+        raise ValueError(f"checkpoint does not fit {cfg.get('architecture', 'this model')}: {problems}. "
                          "Was it saved from another backbone or with other stream options "
                          "(stream_start, kv_proj, class_specific)?")
     for key in expected.keys() - state_dict.keys():  # BatchNorm counters that older checkpoints lack

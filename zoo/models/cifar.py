@@ -1,7 +1,7 @@
 """ResNet-18 and MobileNet-V2 in their CIFAR forms, with the class activation map as built-in saliency.
 
 Thesis ch. 4 (Torres Figueroa 2024; "A Learning Paradigm for Interpretable Gradients", VISAPP 2024) trains
-these two networks on CIFAR-100 (32x32 images) with and without gradient denoising (SPEC §3). Their CIFAR
+these two networks on CIFAR-100 (32x32 images) with and without gradient denoising (thesis §4.3). Their CIFAR
 form keeps the resolution in the stem: a 3x3 stride-1 first convolution and no max-pool for ResNet-18, and
 for MobileNet-V2 the ImageNet network without its first two downsamplings. Both end at stride 8 (4x4 maps
 at 32 px), then global average pooling (GAP) and a linear classifier.
@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..hub import hub_id
-from ..output import ModelOutput, check_image_batch
+from ..output import ModelOutput, check_image_batch, model_name
 from ._builder import build_zoo_model
 
 __all__ = ["BasicBlock", "CamClassifier", "ConvBnAct", "InvertedResidual", "MobileNetV2Cifar", "ResNetCifar"]
@@ -114,8 +114,7 @@ class CamClassifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last stage's features ``[B, num_features, h, w]`` (stride 8: 4x4 at 32 px)."""
-        name = getattr(self, "pretrained_cfg", {}).get("architecture") or type(self).__name__
-        check_image_batch(x, self.in_chans, self.min_input_size, name)
+        check_image_batch(x, self.in_chans, model_name(self), self.min_input_size)
         x = self.stem(x)
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for stage in self.stages:

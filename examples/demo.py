@@ -41,11 +41,12 @@ import zoo  # noqa: F401  (registers the zoo's models with timm)
 from zoo.data import box_share, build_dataset, find_fashion_mnist, first_images
 from zoo.evaluation import publish
 from zoo.evaluation.figures import grid, overlay, pixels, save, show
-from zoo.evaluation.harness import Protocol, run
+from zoo.evaluation.harness import Protocol, result_tables, run
 from zoo.evaluation.saliency import explain
 from zoo.hub import hub_id, read_config
-from zoo.metrics import METRICS, RECOGNITION, tables
+from zoo.metrics import METRICS
 from zoo.training.config import Recipe
+from zoo.training.run_folder import is_finished
 from zoo.training.train import train
 
 
@@ -85,10 +86,9 @@ CHARTED = ("AD", "AG", "I", "D")  # the metrics of metrics.png
 def train_stage(out: Path, name: str, **settings) -> Path:
     """Train one recipe into ``out/runs/<name>`` (a finished run there is reused); its model folder."""
     recipe = Recipe(name=name, output_dir=str(out / "runs" / name), workers=0, **settings)
-    status = out / "runs" / name / "status.json"
-    if status.exists() and json.loads(status.read_text())["state"] == "finished":
-        print(f"{name}: reusing the finished run in {status.parent}")
-        return status.parent / "model"
+    if is_finished(recipe.output_dir):
+        print(f"{name}: reusing the finished run in {recipe.output_dir}")
+        return Path(recipe.output_dir) / "model"
     print(f"\n== training {name}")
     return train(recipe)
 
@@ -194,7 +194,7 @@ def markdown(summary: dict) -> str:
         lines += [f"## {model}", "", f"{entry['description']}. Test images: {entry['images']}; {recognition}. "
                   f"Results: `{entry['results']}`. Hub folder: `{entry['hub_folder']}` (reloaded through timm: "
                   f"{'identical outputs' if entry['reloaded_identical'] else 'DIFFERENT outputs'}).", ""]
-        columns = [metric for table, metrics in tables().items() if table != RECOGNITION for metric in metrics
+        columns = [metric for metrics in result_tables().values() for metric in metrics
                    if any(metric.key in values for values in entry["methods"].values())]
         lines += ["| method | " + " | ".join(f"{metric.key}{metric.arrow}" for metric in columns) + " |",
                   "|---" * (len(columns) + 1) + "|"]

@@ -233,8 +233,7 @@ def test_two_processes_resumed_mid_epoch_report_the_uninterrupted_metrics(data, 
                "--set", f"model_args={json.dumps(SMALL_BACKBONE)}", "--weights", "none", "--data-root", str(data),
                "--image-size", "32", "--workers", "0", "--batch-size", "4", "--epochs", "2", "--checkpoint-every", "1",
                "--output-dir", str(tmp_path / "run"), "--cpu"]
-    env = dict(os.environ, PYTHONPATH=f"{os.getcwd()}{os.pathsep}{tests}")
-    killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not checkpoints(tmp_path / "run") and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -243,7 +242,7 @@ def test_two_processes_resumed_mid_epoch_report_the_uninterrupted_metrics(data, 
     killed.wait()
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "running", \
         "the run finished before it could be killed"
-    resumed = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+    resumed = subprocess.run(command, check=True, cwd=tmp_path, capture_output=True, text=True)
     position = resumed.stdout[resumed.stdout.index("resumed from"):].split("\n")[0]
     assert "batch 0)" not in position, f"expected a resume in the middle of an epoch: {position}"
     assert_same_metrics(tmp_path / "run", uninterrupted)

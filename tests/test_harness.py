@@ -1,7 +1,6 @@
 """The evaluation harness end to end on datasets laid out on disk as the real ones are."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -124,10 +123,9 @@ def test_two_processes_share_the_batches(tmp_path):
     args = ["resnet18", "--dataset", "cub", "--data-root", str(tmp_path / "data"), "--methods", "gradcam",
             "--metrics", "faithfulness", *FAST]
     _, single = run(tmp_path / "single", *args)
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
-                    "zoo.evaluation.harness", *args, "--out", str(tmp_path / "two" / "out")], check=True, env=env)
+                    "zoo.evaluation.harness", *args, "--out", str(tmp_path / "two" / "out")], check=True, cwd=tmp_path)
     (run_dir,) = (tmp_path / "two" / "out").iterdir()
     assert scores(json.loads((run_dir / "results.json").read_text())) == scores(single)
 

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -264,9 +263,8 @@ def _train_command(tmp_path, out: str) -> list[str]:
 
 def test_a_killed_run_resumes_mid_epoch_and_ends_with_the_uninterrupted_weights(tmp_path):
     make_image_folder(tmp_path / "data", per_class=8)
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    subprocess.run(_train_command(tmp_path, "whole"), check=True, env=env, capture_output=True)
-    killed = subprocess.Popen(_train_command(tmp_path, "killed"), env=env, stdout=subprocess.DEVNULL,
+    subprocess.run(_train_command(tmp_path, "whole"), check=True, cwd=tmp_path, capture_output=True)
+    killed = subprocess.Popen(_train_command(tmp_path, "killed"), cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 300
@@ -276,7 +274,8 @@ def test_a_killed_run_resumes_mid_epoch_and_ends_with_the_uninterrupted_weights(
     killed.wait()
     assert json.loads((tmp_path / "killed" / "status.json").read_text())["state"] == "running", \
         "the run finished before it could be killed"
-    resumed = subprocess.run(_train_command(tmp_path, "killed"), check=True, env=env, capture_output=True, text=True)
+    resumed = subprocess.run(_train_command(tmp_path, "killed"), check=True, cwd=tmp_path, capture_output=True,
+                             text=True)
     position = resumed.stdout[resumed.stdout.index("resumed from"):].split("\n")[0]
     assert "batch 0)" not in position, f"expected a resume in the middle of an epoch: {position}"
     whole, again = state(tmp_path / "whole" / "model"), state(tmp_path / "killed" / "model")
@@ -289,11 +288,10 @@ def test_two_processes_see_disjoint_data_and_end_with_identical_weights(tmp_path
     args = ["castream_imagenet", "--model", "resnet18_castream", "--set", f"model_args={json.dumps(SMALL_BACKBONE)}",
             "--weights", "none", "--data-root", str(tmp_path / "data"), "--image-size", "32", "--workers", "0",
             "--batch-size", "4", "--epochs", "2"]
-    env = dict(os.environ, PYTHONPATH=f"{os.getcwd()}{os.pathsep}{Path(__file__).parent}")
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                     str(Path(__file__).parent / "launch_training.py"), str(tmp_path), *args, "--output-dir",
-                    str(tmp_path / "two"), "--cpu"], check=True, env=env, capture_output=True)
+                    str(tmp_path / "two"), "--cpu"], check=True, cwd=tmp_path, capture_output=True)
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for epoch in ("0", "1"):
         first, second = set(seen[0][epoch]), set(seen[1][epoch])

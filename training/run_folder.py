@@ -42,8 +42,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from .config import Recipe
 
-__all__ = ["DamagedCheckpoint", "MetricsLog", "Progress", "RunFolder", "checkpoint_files", "read_checkpoint",
-           "restore", "write_checkpoint"]
+__all__ = ["DamagedCheckpoint", "MetricsLog", "Progress", "RunFolder", "checkpoint_files", "is_finished",
+           "read_checkpoint", "restore", "write_checkpoint"]
 
 
 @dataclass
@@ -165,6 +165,12 @@ def restore(folder: Path, files: dict[str, bytes], accelerator: Accelerator, mod
         return Progress(**json.loads(files["progress.json"]))
 
 
+def is_finished(folder: Path | str) -> bool:
+    """Whether ``folder`` holds a finished run (its ``status.json`` says so): its ``model/`` is final."""
+    status = Path(folder) / "status.json"
+    return status.is_file() and json.loads(status.read_text()).get("state") == "finished"
+
+
 class RunFolder:
     """The output folder: refuses to overwrite, finds the checkpoint to resume, writes checkpoints atomically."""
 
@@ -188,7 +194,7 @@ class RunFolder:
                                   "resumed nor replaced, even with --overwrite: choose another output_dir")
         if self.overwrite:
             return
-        if json.loads((self.path / "status.json").read_text()).get("state") == "finished":
+        if is_finished(self.path):
             raise FileExistsError(f"{self.path} holds a finished run; --overwrite replaces it")
         differences = {key: (value, self.recipe.get(key)) for key, value in json.loads(stored.read_text()).items()
                        if key not in ("workers", "output_dir") and self.recipe.get(key) != value}

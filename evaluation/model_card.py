@@ -1,7 +1,7 @@
 """Hugging Face model cards built from the harness' results: measured numbers only, beside the thesis' figures.
 
-    python -m zoo.evaluation.model_card --all                                   # regenerate every card
-    python -m zoo.evaluation.model_card resnet50_castream.in1k --results results/eval/<key>/results.json
+    zoo-card --all                                   # from the repository root: regenerate every card
+    zoo-card resnet50_castream.in1k --results results/eval/<key>/results.json
 
 A card folder (``model_cards/<arch>.<tag>/``, or the Hub folder ``zoo-publish`` builds) holds ``README.md``,
 the results it reports (``results/<dataset>-<protocol key>.json``, each with the harness' ``examples.png`` as
@@ -43,7 +43,7 @@ from . import metrics as _declared  # noqa: F401  (registers the interpretabilit
 __all__ = ["BIBTEX", "CARDS_DIR", "CARD_MARKER", "add_results", "check_replaceable", "create_card_folder", "inside",
            "main", "regenerate", "safe_name", "thesis_rows", "write_card"]
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+CARDS_DIR = Path("model_cards")  # the repository's cards, from its root (an installed package has none)
 CARD_MARKER = ".zoo-card"  # in every folder zoo-card or zoo-publish created: the only non-empty folders they replace
 MARKER_TEXT = "Created by interpretable-zoo's zoo-card or zoo-publish, which may replace this whole folder.\n"
 NAME_RULES = ("the Hub's repository-name rules: letters, digits, '-', '_' and '.', not starting or ending with '-' "

@@ -4,13 +4,15 @@ card's folder, and no number published that was measured on other weights or is 
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from test_model_cards import write_results
 from test_publish import REPO, results_of, save_checkpoint
 
 from zoo.evaluation import model_card, publish
-from zoo.evaluation.model_card import CARDS_DIR
+
+REPOSITORY_CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 
 CARD = "resnet18_castream.in1k"  # a registered tag (1000 classes): its card needs no config.json
 KEPT = "resnet18_castream.cub"  # a checkpoint's card kept by zoo-publish --cards, config.json included
@@ -100,7 +102,7 @@ def test_a_kept_card_folder_zoo_did_not_create_is_not_replaced(tmp_path, project
 
 
 def test_the_cards_zoo_wrote_stay_replaceable(tmp_path, project):
-    assert all((folder / MARKER).is_file() for folder in CARDS_DIR.iterdir() if folder.is_dir())
+    assert all((folder / MARKER).is_file() for folder in REPOSITORY_CARDS.iterdir() if folder.is_dir())
     for name in (KEPT, CARD):  # kept by zoo-publish, or written by zoo-card --all
         publish.main(["runs/model", name, "--out", str(tmp_path / name), "--dry-run", "--cards", "model_cards"])
         assert files(project / "model_cards" / name) == {

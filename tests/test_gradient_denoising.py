@@ -447,7 +447,7 @@ def test_zero_weight_is_the_plain_training_step(monkeypatch):
         torch.testing.assert_close(ours, expected)
 
     model.load_state_dict(state)
-    monkeypatch.setattr("training.gradient_denoising.input_gradients", None)  # the extra passes are skipped
+    monkeypatch.setattr("zoo.training.gradient_denoising.input_gradients", None)  # the extra passes are skipped
     step = GradientDenoising(weight=0.0)(model, images, labels)
     assert list(step.terms) == ["classification"]
     for ours, expected in zip(parameter_grads(model, step.loss), plain, strict=True):

@@ -12,8 +12,10 @@ from PIL import Image
 
 import zoo
 from zoo.evaluation.harness import Protocol
-from zoo.evaluation.model_card import BIBTEX, CARDS_DIR, UNREPORTED, main, regenerate
+from zoo.evaluation.model_card import BIBTEX, UNREPORTED, main, regenerate
 from zoo.metrics import METRICS
+
+REPOSITORY_CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 
 FAITHFULNESS = ("AD", "AG", "AI", "I", "D")
 LOCALISATION = ("OM", "LE", "F1", "BA", "SP", "EP", "SM")
@@ -115,11 +117,11 @@ def test_regenerating_gives_the_same_cards_and_keeps_hand_added_metadata(tmp_pat
 
 
 def test_the_repository_cards_are_regenerated(tmp_path):
-    shutil.copytree(CARDS_DIR, tmp_path / "cards")
+    shutil.copytree(REPOSITORY_CARDS, tmp_path / "cards")
     regenerate(tmp_path / "cards")
     for path in (tmp_path / "cards").rglob("*"):
         if path.is_file():
-            assert path.read_bytes() == (CARDS_DIR / path.relative_to(tmp_path / "cards")).read_bytes(), path
+            assert path.read_bytes() == (REPOSITORY_CARDS / path.relative_to(tmp_path / "cards")).read_bytes(), path
 
 
 @pytest.mark.parametrize("change, message", [

@@ -22,10 +22,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def test_kept_memory_is_reused_without_page_faults():
+def test_kept_memory_is_reused_without_page_faults(tmp_path):
     pages, faults = (64 << 20) // 4096, {}
     for mode in ("default", "keep"):
-        run = subprocess.run([sys.executable, "-c", SECOND_BLOCK_FAULTS, mode], capture_output=True, text=True)
+        run = subprocess.run([sys.executable, "-c", SECOND_BLOCK_FAULTS, mode], capture_output=True, text=True,
+                             cwd=tmp_path)
         if run.stderr.strip() == "not glibc":
             pytest.skip("the C library is not glibc")
         assert run.returncode == 0, run.stderr

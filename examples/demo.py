@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    files = find_fashion_mnist(args.data)
+    files = find_fashion_mnist(args.data, install=True)
     root, plain, canvas = files.root, files.dataset, {"source": files.source, "size": scale.canvas}
     gap = train_stage(out, "gap", model="resnet18", model_args=GAP_BACKBONE, epochs=scale.epochs_gap,
                       **{**canvas_settings(scale, root, canvas), "milestones": [max(scale.epochs_gap - 2, 1)]})

@@ -193,10 +193,17 @@ def test_find_fashion_mnist_in_a_folder_the_debian_package_or_torchvision(tmp_pa
     files = find_fashion_mnist(download_root=tmp_path / "data")
     assert files == (str(tmp_path / "data"), "torchvision") and files.dataset == "fashion-mnist"
     assert downloaded == [(tmp_path / "data", "train"), (tmp_path / "data", "test")]
+    installs = []
+    monkeypatch.setattr(classification.shutil, "which", lambda command: f"/usr/bin/{command}")
+    monkeypatch.setattr(classification.subprocess, "run", lambda command, check: installs.append(command))
+    find_fashion_mnist(download_root=tmp_path / "data")
+    assert not installs  # apt only when asked
+    find_fashion_mnist(download_root=tmp_path / "data", install=True)
+    assert installs[0][-4:] == ["apt-get", "install", "-y", "dataset-fashion-mnist"]
     make_fashion_mnist(debian)
-    files = find_fashion_mnist()
+    files = find_fashion_mnist(install=True)
     assert files == (str(debian), "idx") and files.dataset == "fashion-mnist-idx"
-    assert len(build_dataset(files.dataset, files.root, "test")) == 4 and len(downloaded) == 2
+    assert len(build_dataset(files.dataset, files.root, "test")) == 4 and len(downloaded) == 6 and len(installs) == 1
 
 
 def test_first_images_are_preprocessed_for_the_data_config(tmp_path):

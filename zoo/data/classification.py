@@ -154,15 +154,16 @@ class FashionMNISTFiles(NamedTuple):
         return "fashion-mnist-idx" if self.source == "idx" else "fashion-mnist"
 
 
-def find_fashion_mnist(folder: Path | None = None, download_root: Path = Path("data")) -> FashionMNISTFiles:
+def find_fashion_mnist(folder: Path | None = None, download_root: Path = Path("data"),
+                       install: bool = False) -> FashionMNISTFiles:
     """Fashion-MNIST offline if possible: ``folder`` of idx files if given, else the Debian package's files in
-    ``FASHION_MNIST_DEBIAN_DIR`` (``apt-get install dataset-fashion-mnist`` is run when they are missing and apt is
-    at hand, as root or through password-less sudo), else torchvision's copy, downloaded into ``download_root``
-    once."""
+    ``FASHION_MNIST_DEBIAN_DIR`` (with ``install``, ``apt-get install dataset-fashion-mnist`` is run first when
+    they are missing and apt is at hand, as root or through password-less sudo), else torchvision's copy,
+    downloaded into ``download_root`` once."""
     if folder is not None:
         return FashionMNISTFiles(str(folder), "idx")
     marker = FASHION_MNIST_DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz"
-    if not marker.exists() and shutil.which("apt-get"):
+    if install and not marker.exists() and shutil.which("apt-get"):
         command = ["apt-get", "install", "-y", "dataset-fashion-mnist"]
         if os.geteuid() != 0 and shutil.which("sudo"):
             command = ["sudo", "-n", *command]

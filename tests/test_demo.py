@@ -53,6 +53,10 @@ def test_quick_demo_runs_end_to_end_and_its_summary_copies_the_results(tmp_path)
                                                for stage in run["stages"])
         assert run["val_top1"] == float(list(csv.DictReader(
             (attention / "runs" / f"lr{run['lr']:g}" / "metrics.csv").open()))[-1]["val_top1"])
+    # at the demo's own lr the stream is the demo's, so its last stage points as the demo's built-in attention did
+    # on the same 8 canvases (in percent, as the harness reports it)
+    demo_attention = summary["models"]["castream"]["methods"]["attention"]["SP"]
+    assert results["runs"][1]["stages"][-1]["SP"] == pytest.approx(demo_attention)
     assert set(results["probe"]) == {"all positions (GAP)", "inside the box", "outside the box"}
     assert all(0 <= probe["top1"] <= 100 and probe["feature_norm"] >= 0 for probe in results["probe"].values())
     assert (attention / "attention_by_lr.png").stat().st_size > 0

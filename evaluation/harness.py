@@ -4,7 +4,8 @@
 
 One protocol, recorded in full with the results: the model and its weights, the dataset and split,
 preprocessing, the saliency methods and their options, which class is explained (ground truth by
-default, the prediction with ``--targets predicted``), the insertion/deletion preset. A run lives in
+default, the prediction with ``--targets predicted``), how its probability is read from the logits (softmax,
+or on a multi-label dataset the sigmoid of its logit), the insertion/deletion preset. A run lives in
 ``<out>/<protocol hash>/`` (the weights hashed by their content): every batch's per-image results are
 cached there, so an interrupted run continues where it stopped (a damaged cached batch is named and
 computed again), a different protocol never touches another's results, and several processes
@@ -39,7 +40,14 @@ from zoo.metrics import METRICS, RECOGNITION, Metric, recognition, reported_valu
 from zoo.output import logits_of
 
 from .figures import grid, overlay, save, show
-from .metrics import DEFAULT_PROTOCOL, PROTOCOLS, perturbation_curves, target_probabilities
+from .metrics import (
+    DEFAULT_PROTOCOL,
+    PROBABILITIES,
+    PROTOCOLS,
+    check_probabilities,
+    perturbation_curves,
+    target_probabilities,
+)
 from .saliency import METHODS, check_options, explain, mask_images, pixel_statistics
 
 BOX_BASELINES = ("box", "box_complement")  # thesis Table 2.5: the ground truth itself as a saliency map
@@ -73,6 +81,7 @@ class Protocol:
     metrics: list[str] = field(default_factory=lambda: ["faithfulness", "curves"])
     targets: str = "ground-truth"
     curves: str = DEFAULT_PROTOCOL
+    probabilities: str | None = None  # "softmax" or "sigmoid" (``dataset_probabilities``); None: ``run`` resolves it
     batch_size: int = 16
     data_config: dict = field(default_factory=dict)
     seed: int = 0  # of a random initialisation, so that every process and every resumed run has the same model
@@ -84,10 +93,14 @@ class Protocol:
         """The run's name: a hash of every field, with the weights' content (``weights_sha256``) where known in
         place of their path, so new weights at the same path are a new run, and with the keys of the metrics its
         groups resolve to, under which the cached batches hold per-image values in natural units: a metric added
-        to a group, or a run cached before this convention, is another run."""
+        to a group, or a run cached before this convention, is another run. ``probabilities`` counts unless it is
+        "softmax", what every run used before the field existed: those runs keep their names (and caches), a
+        sigmoid run is another run."""
         fields = asdict(self)
         if self.weights_sha256 is not None:
             del fields["weights"]
+        if self.probabilities == "softmax":
+            del fields["probabilities"]
         fields["metric_keys"] = [metric.key for metric in METRICS.values() if metric.group in self.metrics]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -98,6 +111,13 @@ def measured(protocol: Protocol, method: str, multi_label: bool, num_classes: in
     return [metric for metric in METRICS.values() if metric.group in protocol.metrics
             and metric.applies(multi_label, num_classes)
             and not (method in BOX_BASELINES and "maps_of_masked" in metric.needs)]
+
+
+def dataset_probabilities(dataset) -> str:
+    """How the harness reads the explained class's probability from a model's logits on ``dataset``, as the authors'
+    code does (the thesis does not say): "sigmoid" of the class's logit on a multi-label dataset (multi-hot labels:
+    its models are trained with binary cross-entropy per class), "softmax" over the classes otherwise."""
+    return "sigmoid" if torch.as_tensor(dataset.load(0)[1]["label"]).ndim == 1 else "softmax"
 
 
 def explained_classes(labels: torch.Tensor, logits: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +172,7 @@ def evaluate_batch(model, images: torch.Tensor, target: dict, index: torch.Tenso
     labels = target["label"].to(images.device)
     rows, classes = explained_classes(labels, logits, protocol.targets)
     explained = images[rows]
-    p = target_probabilities(logits[rows], classes)
+    p = target_probabilities(logits[rows], classes, protocol.probabilities)
     record = {"image/index": index, "image/logits": logits, "image/labels": labels, "row/rows": rows,
               "row/classes": classes, "row/p": p}
     shared = {"p": p, "labels": labels[rows], "predictions": logits.argmax(1)[rows]}
@@ -182,11 +202,12 @@ def evaluate_batch(model, images: torch.Tensor, target: dict, index: torch.Tenso
             masked = mask_images(explained, maps, mean, std)
         if "o" in needs:
             with torch.no_grad():
-                inputs["o"] = target_probabilities(logits_of(model(masked)), classes)
+                inputs["o"] = target_probabilities(logits_of(model(masked)), classes, protocol.probabilities)
         if "maps_of_masked" in needs:
             inputs["maps_of_masked"] = explain(model, masked, method, classes, **options)
         if "curves" in needs:
-            inputs["curves"] = perturbation_curves(model, explained, maps, classes, protocol.curves)
+            inputs["curves"] = perturbation_curves(model, explained, maps, classes, protocol.curves,
+                                                   probabilities=protocol.probabilities)
         record.update({f"row/{method}/{metric.key}": metric.values(inputs) for metric in metrics})
         if keep_examples:
             record[f"example/{method}"] = maps[:EXAMPLES]
@@ -284,8 +305,9 @@ def markdown(summary: dict, protocol: Protocol) -> str:
     """Results in the layout of the thesis' tables (2.1, 3.1: faithfulness; 2.6: localisation)."""
     recognition = ", ".join(f"{name} {value:.2f}" for name, value in summary["recognition"].items())
     lines = [f"# {protocol.model} on {protocol.dataset} ({protocol.split}, {summary['images']} images)", "",
-             f"Recognition: {recognition}. Explained class: {protocol.targets}; insertion/deletion preset: "
-             f"{protocol.curves}. Measured by this run (interpretable-zoo harness), protocol {protocol.key()}."]
+             f"Recognition: {recognition}. Explained class: {protocol.targets}; its probability: "
+             f"{protocol.probabilities}; insertion/deletion preset: {protocol.curves}. Measured by this run "
+             f"(interpretable-zoo harness), protocol {protocol.key()}."]
     for title, columns in result_tables().items():
         present = [(metric.key, metric.arrow) for metric in columns
                    if any(metric.key in result for result in summary["methods"].values())]
@@ -320,13 +342,16 @@ def examples_figure(record: dict, methods: list[str], path: Path) -> None:
 
 def check_run(protocol: Protocol, dataset, workers: int) -> None:
     """Refuse, before anything is written, what would fail later: a limit or batch size below 1, negative
-    workers, an empty split, an unknown method, a method option outside its limits."""
+    workers, an empty split, an unknown way to read probabilities, an unknown method, a method option outside its
+    limits."""
     for name, value, low in (("limit", protocol.limit, 1), ("batch_size", protocol.batch_size, 1),
                              ("workers", workers, 0)):
         if value is not None and value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
     if len(dataset) == 0:
         raise ValueError(f"{protocol.dataset} has no image in its {protocol.split} split at {protocol.data_root}")
+    if protocol.probabilities is not None:
+        check_probabilities(protocol.probabilities)
     for method in dict.fromkeys([*protocol.methods, *protocol.method_options]):
         if method not in BOX_BASELINES or method in protocol.method_options:
             check_options(method, protocol.method_options.get(method, {}))
@@ -400,8 +425,11 @@ def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, worker
     """Evaluate every batch of ``dataset`` not cached yet (this process's share), then, on the main process,
     write the results. Returns the run's folder. Bad input is refused first (``check_run``); the weights are
     resolved to their safetensors file once (``zoo.hub.weights_file``), which is loaded, and whose SHA-256 fills
-    the protocol's ``weights_sha256`` where None, before the run's folder is named."""
+    the protocol's ``weights_sha256`` where None, and ``probabilities`` where None is resolved from the dataset's
+    labels (``dataset_probabilities``), before the run's folder is named."""
     check_run(protocol, dataset, workers)
+    if protocol.probabilities is None:
+        protocol = replace(protocol, probabilities=dataset_probabilities(dataset))
     weights = None if protocol.weights is None else weights_file(protocol.model, protocol.weights)
     if protocol.weights_sha256 is None and weights is not None:
         protocol = replace(protocol, weights_sha256=sha256(weights))
@@ -486,6 +514,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", choices=("ground-truth", "predicted"), default="ground-truth")
     parser.add_argument("--curves", choices=sorted(PROTOCOLS), default=DEFAULT_PROTOCOL,
                         help="insertion/deletion preset (default: %(default)s)")
+    parser.add_argument("--probabilities", choices=list(PROBABILITIES),
+                        help="the explained class's probability, for AD/AG/AI, ADCC, SM and insertion/deletion: "
+                             "softmax over the classes or sigmoid of its logit (default: sigmoid on a multi-label "
+                             "dataset, softmax otherwise)")
     parser.add_argument("--limit", type=_at_least(1), help="only the first N images")
     parser.add_argument("--img-size", type=_at_least(1), help="default: the model's")
     parser.add_argument("--batch-size", type=_at_least(1), default=16)
@@ -519,8 +551,8 @@ def main(argv: list[str] | None = None) -> None:
         model=args.model, weights=args.weights, num_classes=len(dataset.classes), dataset=args.dataset,
         data_root=str(Path(args.data_root).resolve()), split=split, limit=args.limit,
         methods=methods, method_options=options, metrics=metrics, targets=args.targets, curves=args.curves,
-        batch_size=args.batch_size, data_config={k: config[k] for k in ("input_size", "interpolation", "crop_pct",
-                                                                        "mean", "std")},
+        probabilities=args.probabilities, batch_size=args.batch_size,
+        data_config={k: config[k] for k in ("input_size", "interpolation", "crop_pct", "mean", "std")},
     )
     try:
         check_run(protocol, dataset, args.workers)

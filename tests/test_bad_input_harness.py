@@ -262,6 +262,15 @@ def cub_protocol(root, **changes):
     return Protocol(**{**fields, **changes})
 
 
+def test_an_unknown_way_to_read_probabilities_is_refused_before_anything_is_written(tmp_path):
+    make_cub(tmp_path / "data", images=CUB_TEST)
+    dataset = build_dataset("cub", tmp_path / "data", "test")
+    with pytest.raises(ValueError, match="probabilities must be one of softmax, sigmoid, got 'logit'"):
+        run_protocol(cub_protocol(tmp_path / "data", probabilities="logit"), dataset, tmp_path / "out",
+                     Accelerator(cpu=True))
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_finite_images_are_refused_by_the_harness(tmp_path):
     make_cub(tmp_path / "data", images=CUB_TEST)
     protocol = cub_protocol(tmp_path / "data")

@@ -3,6 +3,7 @@ sees, against a straightforward per-image per-step loop, and against RISE's blur
 
 import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from scipy.ndimage import gaussian_filter
 from scripts import run_script
 from torch import nn
 
+from zoo.evaluation.metrics import curves as curves_module
 from zoo.evaluation.metrics.curves import (
     DEFAULT_PROTOCOL,
     PROTOCOLS,
@@ -63,6 +65,30 @@ def test_presets():
         PerturbationProtocol("bad", steps=4, blur_size=4, blur_sigma=1.0)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         PerturbationProtocol("bad", steps=0, blur_size=3, blur_sigma=1.0)
+
+
+def test_the_released_preset_is_the_authors_only_at_224_px_as_documented():
+    """The numbers the module docstring and evaluation/README.md give at 224 and 96 px are the preset's; the
+    authors' code (given: imsize / 8 steps, so 8 * imsize pixels each) agrees with it at 224 px only."""
+    released = PROTOCOLS["released"]
+    documented = {224: (1792, 1792), 96: (330, 306)}  # pixels per step, pixels of the last step
+    for size, (per_step, last) in documented.items():
+        counts = released.counts(size, size)
+        assert released.pixels_per_step(size, size) == per_step and counts[-1] - counts[-2] == last
+        assert len(counts) == 29 and counts[-1] == size * size  # evaluations; the last one fully perturbed
+        authors_steps = size // 8
+        assert authors_steps * 8 * size == size * size
+        assert (authors_steps == released.steps) == (size == 224)
+    assert PROTOCOLS["thesis"].counts(96, 96)[218:] == [42 * 218, 42 * 219, 9216, 9216, 9216, 9216, 9216]
+    assert "at 96x96 this preset perturbs ceil(9216 / 28) = 330 pixels per step (the last step 306) in 29\n" \
+           "  evaluations per curve, theirs 96 / 8 = 12 steps of 768 pixels in 13." in curves_module.__doc__
+    readme = (Path(__file__).parents[1] / "evaluation" / "README.md").read_text()
+    assert "| `released` | 28 steps of 1792 pixels, 29 evaluations | 28 steps of 330 pixels (the last 306), 29 " \
+           "evaluations |" in readme
+    assert "| the authors' code | 28 steps of 1792 pixels, 29 evaluations | 12 steps of 768 pixels, 13 evaluations |" \
+           in readme
+    assert "| `thesis` | 224 steps of 224 pixels, 225 evaluations | 224 steps of 42 pixels (the 220th 18, the last 4 " \
+           "none), 225 evaluations |" in readme
 
 
 def test_area_under_known_curves():
@@ -172,8 +198,9 @@ def test_end_points_are_the_original_the_blurred_and_the_deleted_images():
 
 # --- batched == straightforward loop ---------------------------------------------------------------------
 
-def straightforward_curves(model, images, maps, targets, protocol):
-    """One image and one step at a time, as RISE's code does: copy the next pixels from the finish image."""
+def straightforward_curves(model, images, maps, targets, protocol, probabilities="softmax"):
+    """One image and one step at a time, as RISE's code does: copy the next pixels from the finish image. The
+    probability: the softmax over the classes, or the sigmoid of the target's logit (the authors' on VOC)."""
     model.eval()
     height, width = images.shape[-2:]
     per_step = protocol.pixels_per_step(height, width)
@@ -186,24 +213,30 @@ def straightforward_curves(model, images, maps, targets, protocol):
             current, row = start.clone(), []
             for step in range(protocol.steps + 1):
                 with torch.no_grad():
-                    row.append(model(current).softmax(1)[0, target])
+                    logits = model(current)[0]
+                row.append(logits.softmax(0)[target] if probabilities == "softmax" else logits[target].sigmoid())
                 pixels = order[step * per_step:(step + 1) * per_step]
                 current.flatten(2)[0][:, pixels] = finish.flatten(2)[0][:, pixels]
             curves.append(torch.stack(row))
     return torch.stack(insertion), torch.stack(deletion)
 
 
+@pytest.mark.parametrize("probabilities", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("protocol, size", [(TINY, 8), (PROTOCOLS["released"], 16)])
-def test_batched_curves_equal_a_straightforward_loop(protocol, size):
+def test_batched_curves_equal_a_straightforward_loop(protocol, size, probabilities):
     # ("thesis" differs from "released" only in its numbers, and its 449 single-image forwards are slow)
     net = _random_net()
     net.train()
     images, maps, targets = torch.randn(2, 3, size, size), torch.rand(2, size, size), torch.tensor([1, 4])
-    curves = perturbation_curves(net, images, maps, targets, protocol=protocol, batch_size=7)
+    curves = perturbation_curves(net, images, maps, targets, protocol=protocol, batch_size=7,
+                                 probabilities=probabilities)
     assert net.training and all(m.training for m in net.modules())  # modes restored
-    insertion, deletion = straightforward_curves(net, images, maps, targets, protocol)
+    insertion, deletion = straightforward_curves(net, images, maps, targets, protocol, probabilities)
     torch.testing.assert_close(curves.insertion, insertion, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(curves.deletion, deletion, atol=1e-6, rtol=1e-5)
+    scores = insertion_deletion(net, images, maps, targets, protocol, 7, probabilities)
+    torch.testing.assert_close(scores.insertion, area_under_curve(insertion), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(scores.deletion, area_under_curve(deletion), atol=1e-6, rtol=1e-5)
 
 
 def test_batch_size_tuple_outputs_and_default_targets():
@@ -257,6 +290,8 @@ def test_bad_inputs_are_named():
         perturbation_curves(net, images, maps, [0, 1], protocol="rise")
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         perturbation_curves(net, images, maps, [0, 1], batch_size=0)
+    with pytest.raises(ValueError, match="probabilities must be one of softmax, sigmoid, got 'logit'"):
+        perturbation_curves(net, images, maps, [0, 1], probabilities="logit")
 
 
 # --- cross-checks with independent implementations --------------------------------------------------------

@@ -141,6 +141,29 @@ def test_every_method_keeps_the_contract(method):
         assert not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
+@pytest.mark.parametrize("method", CNN_METHODS)
+def test_every_method_runs_in_float64(method):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18_castream", num_classes=10).eval()
+    images, targets = torch.randn(1, 3, 64, 64), torch.tensor([7])
+    single = explain(model, images, method, targets, **FAST.get(method, {}))
+    double = explain(model.double(), images.double(), method, targets, **FAST.get(method, {}))
+    assert double.dtype == torch.float64 and double.shape == (1, 64, 64)
+    assert double.min() >= 0 and double.max() <= 1
+    assert_same_maps(double, single)
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - set(CNN_METHODS)))
+def test_attention_methods_run_in_float64(method):
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=48, depth=2, num_classes=10).eval()
+    images = torch.randn(1, 3, 48, 48)
+    single = explain(vit, images, method)
+    double = explain(vit.double(), images.double(), method)
+    assert double.dtype == torch.float64
+    assert_same_maps(double, single)
+
+
 class Dead(nn.Module):
     """A layer whose every output is zero."""
 
@@ -279,5 +302,6 @@ def test_a_map_constant_up_to_rounding_normalises_to_zeros():
     # bilinear upsampling of a 1x1 map is constant only up to rounding; that must not become a map
     maps = normalise_per_image(torch.tensor([[[0.0451]], [[-3.0]]]), (32, 32))
     assert maps.eq(0).all()
+    assert mask_of(torch.tensor([[[0.0451]], [[3.0]]]), (32, 32), "range").eq(0).all()  # so is Opti-CAM's mask
     ramp = normalise_per_image(torch.tensor([[[0.0, 1.0]]]), (1, 4))
     torch.testing.assert_close(ramp, torch.tensor([[[0.0, 0.25, 0.75, 1.0]]]))

@@ -3,19 +3,24 @@
 Pixels are taken in descending order of saliency, a fixed number per step. Insertion starts from a blurred
 copy of the image and puts the original pixels back; deletion starts from the image and replaces its pixels
 by a constant. At each of the ``steps + 1`` points (0, 1, ..., ``steps`` steps done) the model gives the
-softmax probability of the target class; the score is the area under that curve by the trapezoid rule with
-the x axis normalised to [0, 1] (higher is better for insertion, lower for deletion): a fraction per image, I and
-D its mean in percent (``zoo.metrics.reported_value``).
+probability of the target class (``target_probabilities``: the softmax over the classes by default, or the sigmoid
+of the class's own logit for a multi-label model); the score is the area under that curve by the trapezoid rule
+with the x axis normalised to [0, 1] (higher is better for insertion, lower for deletion): a fraction per image, I
+and D its mean in percent (``zoo.metrics.reported_value``).
 
 Protocols (``PROTOCOLS``; a ``PerturbationProtocol`` of your own works too):
 
-- ``"released"`` (the default): what the authors' released evaluation does: 28 steps at
-  224x224, i.e. 224 * 8 = 1792 pixels per step and 29 evaluations; insertion into a blur with a 5x5
-  Gaussian kernel, sigma 5; deletion to 0 in the normalised tensor (the dataset mean colour). It is the
-  default because it is what the authors' code runs (the thesis' text states the 224-step protocol; which
-  of the two produced its tables cannot be checked) and it costs 8x fewer forward passes.
-- ``"thesis"``: the protocol as the thesis states it: 224 steps of 224 pixels at 224x224 (449
-  evaluations); insertion into the blur of RISE's code (11x11 kernel, sigma 5); deletion to 0 as above.
+- ``"released"`` (the default): 28 steps; insertion into a blur with a 5x5 Gaussian kernel, sigma 5; deletion
+  to 0 in the normalised tensor (the dataset mean colour). At 224x224 it is what the authors' released
+  evaluation runs: 224 * 8 = 1792 pixels per step, 29 evaluations per curve. It matches them only at 224 px:
+  their code takes imsize / 8 steps of 8 * imsize pixels, where this preset keeps 28 steps at every size (see
+  Conventions); at 96x96 this preset perturbs ceil(9216 / 28) = 330 pixels per step (the last step 306) in 29
+  evaluations per curve, theirs 96 / 8 = 12 steps of 768 pixels in 13. It is the default because at 224 px it is
+  what the authors' code runs (the thesis' text states the 224-step protocol; which of the two produced its
+  tables cannot be checked) and it costs 8x fewer forward passes.
+- ``"thesis"``: the protocol as the thesis states it: 224 steps of 224 pixels at 224x224 (225 evaluations per
+  curve, 449 forward passes for the two); insertion into the blur of RISE's code (11x11 kernel, sigma 5); deletion
+  to 0 as above.
 
 Conventions:
 
@@ -46,9 +51,9 @@ from zoo.output import logits_of
 from ._checks import check_maps
 
 # blur and gaussian_kernel are public too, but stay out of the package namespace
-__all__ = ["DEFAULT_PROTOCOL", "PROTOCOLS", "InsertionDeletionScores", "PerturbationCurves", "PerturbationProtocol",
-           "area_under_curve", "blur", "deletion_area", "insertion_area", "insertion_deletion", "perturbation_curves",
-           "target_probabilities"]
+__all__ = ["DEFAULT_PROTOCOL", "PROBABILITIES", "PROTOCOLS", "InsertionDeletionScores", "PerturbationCurves",
+           "PerturbationProtocol", "area_under_curve", "blur", "check_probabilities", "deletion_area", "insertion_area",
+           "insertion_deletion", "perturbation_curves", "target_probabilities"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,10 @@ PROTOCOLS = {
     "thesis": PerturbationProtocol("thesis", steps=224, blur_size=11, blur_sigma=5.0),
 }
 DEFAULT_PROTOCOL = "released"
+PROBABILITIES = {  # how a class's probability is read from the logits [N, C], by name: see target_probabilities
+    "softmax": lambda logits: logits.softmax(1),
+    "sigmoid": torch.sigmoid,
+}
 
 
 class PerturbationCurves(NamedTuple):
@@ -147,7 +156,7 @@ def area_under_curve(curves: torch.Tensor) -> torch.Tensor:
     return (curves.sum(-1) - (curves[..., 0] + curves[..., -1]) / 2) / steps
 
 
-def _check_inputs(images, maps, targets, batch_size) -> torch.Tensor | None:
+def _check_inputs(images, maps, targets, batch_size, probabilities) -> torch.Tensor | None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
         got = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) \
             else type(images).__name__
@@ -162,30 +171,41 @@ def _check_inputs(images, maps, targets, batch_size) -> torch.Tensor | None:
                          "the maps to the image size first (e.g. zoo.evaluation.saliency.core.normalise_per_image)")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_probabilities(probabilities)
     return check_targets(targets, len(images), images.device)
 
 
-def target_probabilities(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Softmax probability of each row's target class, computed in at least float32."""
+def check_probabilities(probabilities: str) -> None:
+    """Refuse a name that is not one of ``PROBABILITIES``."""
+    if probabilities not in PROBABILITIES:
+        raise ValueError(f"probabilities must be one of {', '.join(PROBABILITIES)}, got {probabilities!r}")
+
+
+def target_probabilities(logits: torch.Tensor, targets: torch.Tensor, probabilities: str = "softmax") -> torch.Tensor:
+    """The probability of each row's target class, computed in at least float32: ``"softmax"`` over the classes
+    (a single-label model, trained with cross-entropy) or ``"sigmoid"`` of the class's own logit (a multi-label
+    model, trained with binary cross-entropy per class, as the authors' code scores Pascal VOC)."""
+    check_probabilities(probabilities)
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    return logits.to(dtype).softmax(1).gather(1, targets[:, None]).squeeze(1)
+    return PROBABILITIES[probabilities](logits.to(dtype)).gather(1, targets[:, None]).squeeze(1)
 
 
 def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, targets=None,
-                        protocol: str | PerturbationProtocol = DEFAULT_PROTOCOL,
-                        batch_size: int | None = None) -> PerturbationCurves:
-    """Insertion and deletion curves [B, steps + 1] of the target-class softmax probability.
+                        protocol: str | PerturbationProtocol = DEFAULT_PROTOCOL, batch_size: int | None = None,
+                        probabilities: str = "softmax") -> PerturbationCurves:
+    """Insertion and deletion curves [B, steps + 1] of the target class's probability.
 
     ``images``: the model's normalised input [B, C, H, W]; ``maps``: saliency [B, H, W] at the image size
     (any real values: only their order counts); ``targets``: one class per image (default: the class
-    predicted on the image). All (image, step) pairs are built on the images' device and sent through the
+    predicted on the image); ``probabilities``: ``"softmax"`` or, for a multi-label model, ``"sigmoid"``
+    (``target_probabilities``). All (image, step) pairs are built on the images' device and sent through the
     model ``batch_size`` at a time (default: 64 on a GPU, 8 on a CPU, where larger batches run slower),
     under ``torch.no_grad``, in eval mode (the model's modes are restored).
     """
     protocol = _protocol(protocol)
     if batch_size is None and isinstance(images, torch.Tensor):
         batch_size = 8 if images.device.type == "cpu" else 64
-    targets = _check_inputs(images, maps, targets, batch_size)
+    targets = _check_inputs(images, maps, targets, batch_size, probabilities)
     count, height, width = len(images), *images.shape[-2:]
     pixels = height * width
     with evaluating(model), torch.no_grad():
@@ -197,7 +217,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
         elif targets.min() < 0 or targets.max() >= num_classes:
             raise ValueError(f"targets must be class indices in [0, {num_classes}), got values in "
                              f"[{targets.min().item()}, {targets.max().item()}]")
-        original = target_probabilities(logits, targets)
+        original = target_probabilities(logits, targets, probabilities)
 
         # rank[b, p]: the position of pixel p in image b's order (descending saliency, ties in raster order)
         order = maps.detach().to(images.device).flatten(1).argsort(dim=1, descending=True, stable=True)
@@ -211,7 +231,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
         image_of = torch.arange(count, device=images.device).repeat_interleave(2 * steps)
         step_of = torch.cat([torch.arange(steps), torch.arange(1, steps + 1)]).to(images.device).repeat(count)
         deleting = torch.arange(2 * steps, device=images.device).repeat(count) >= steps
-        probabilities = original.new_empty(len(image_of))
+        points = original.new_empty(len(image_of))
         for start in range(0, len(image_of), batch_size):
             rows = slice(start, start + batch_size)
             b, deletes = image_of[rows], deleting[rows]
@@ -220,10 +240,10 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
             keep_image = perturbed != deletes.view(-1, 1, 1, 1)
             elsewhere = torch.where(deletes.view(-1, 1, 1, 1), protocol.deletion_value, blurred[b])
             logits = logits_of(model(torch.where(keep_image, images[b], elsewhere)))
-            probabilities[rows] = target_probabilities(logits, targets[b])
-    probabilities = probabilities.view(count, 2, steps)
-    insertion = torch.cat([probabilities[:, 0], original[:, None]], 1)
-    deletion = torch.cat([original[:, None], probabilities[:, 1]], 1)
+            points[rows] = target_probabilities(logits, targets[b], probabilities)
+    points = points.view(count, 2, steps)
+    insertion = torch.cat([points[:, 0], original[:, None]], 1)
+    deletion = torch.cat([original[:, None], points[:, 1]], 1)
     return PerturbationCurves(insertion, deletion)
 
 
@@ -238,10 +258,10 @@ def deletion_area(curves: PerturbationCurves) -> torch.Tensor:
 
 
 def insertion_deletion(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, targets=None,
-                       protocol: str | PerturbationProtocol = DEFAULT_PROTOCOL,
-                       batch_size: int | None = None) -> InsertionDeletionScores:
+                       protocol: str | PerturbationProtocol = DEFAULT_PROTOCOL, batch_size: int | None = None,
+                       probabilities: str = "softmax") -> InsertionDeletionScores:
     """Insertion and deletion scores per image, [B] each, from ``perturbation_curves``."""
-    curves = perturbation_curves(model, images, maps, targets, protocol, batch_size)
+    curves = perturbation_curves(model, images, maps, targets, protocol, batch_size, probabilities)
     return InsertionDeletionScores(insertion_area(curves), deletion_area(curves))
 
 

@@ -2,8 +2,10 @@
 §1.3.3.2, §2.4).
 
 ``p`` holds the explained class's probabilities on the images and ``o`` those on the images masked by their maps
-(see ``zoo.evaluation.saliency.mask_images``), both [N] in [0, 1]. Each function gives its metric's per-image term,
-a fraction; AD, AG and AI are their means in percent (``zoo.metrics.reported_value``).
+(see ``zoo.evaluation.saliency.mask_images``), both [N] in [0, 1]: the harness reads them from the logits by a softmax
+over the classes, or on a multi-label dataset by the sigmoid of the class's logit (``curves.target_probabilities``).
+Each function gives its metric's per-image term, a fraction; AD, AG and AI are their means in percent
+(``zoo.metrics.reported_value``).
 """
 
 import torch

@@ -70,7 +70,8 @@ def scorecam(ex: Explainer, batch_size: int = 32, amp_dtype: torch.dtype | str |
     """Score-CAM (eq. 1.6-1.7): softmax over channels of the target logit of the image masked by each
     channel's upsampled, min-max normalised map. Channels of one image whose maps are equal after
     min-max normalisation (all constant maps, for one) give the same mask: each mask is run once.
-    ``amp_dtype`` runs the masked images' forwards under autocast (the maps and masks stay float32)."""
+    ``amp_dtype`` runs the masked images' forwards under autocast (the maps and masks stay in the model's
+    dtype)."""
     amp = ex.autocast(amp_dtype)
     capture = ex.capture()
     acts = capture.activations
@@ -79,7 +80,7 @@ def scorecam(ex: Explainer, batch_size: int = 32, amp_dtype: torch.dtype | str |
     low, high = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
     shapes = torch.where(high > low, (flat - low) / (high - low), 0.0)
     size = ex.images.shape[-2:]
-    scores = torch.empty(batch, channels, device=acts.device)
+    scores = torch.empty(batch, channels, dtype=acts.dtype, device=acts.device)
     for b in range(batch):
         unique, inverse = torch.unique(shapes[b], dim=0, return_inverse=True)
         masks = unique.view(-1, height, width)
@@ -99,7 +100,7 @@ def ablationcam(ex: Explainer, batch_size: int = 32) -> torch.Tensor:
     base = ex.score(capture.logits)
     rows = torch.arange(batch, device=acts.device).repeat_interleave(channels)
     ablated_channel = torch.arange(channels, device=acts.device).repeat(batch)
-    ablated_scores = torch.empty(batch * channels, device=acts.device)
+    ablated_scores = torch.empty(batch * channels, dtype=acts.dtype, device=acts.device)
     for part in _chunks(len(rows), batch_size):
         ablated = acts[rows[part]].clone()
         ablated[torch.arange(len(ablated)), ablated_channel[part]] = 0
@@ -112,7 +113,7 @@ def ablationcam(ex: Explainer, batch_size: int = 32) -> torch.Tensor:
 @saliency_method("fakecam")
 def fakecam(ex: Explainer) -> torch.Tensor:
     """Fake-CAM (thesis §2.4): ones everywhere but a zero at the top-left pixel, a sanity baseline."""
-    maps = torch.ones(len(ex.images), *ex.images.shape[-2:], device=ex.images.device)
+    maps = torch.ones(len(ex.images), *ex.images.shape[-2:], dtype=ex.images.dtype, device=ex.images.device)
     maps[:, 0, 0] = 0
     return maps
 

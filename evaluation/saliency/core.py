@@ -4,7 +4,7 @@ captured activations and gradients, and the map's final upsampling and normalisa
 A method is a function ``method(ex: Explainer, **options) -> Tensor`` registered with
 ``@saliency_method(name, **limits)`` (``limits``: the allowed values of its options, ``Number`` or ``OneOf``);
 it returns a raw map ``[B, h, w]`` (at the layer's or the input's resolution) and ``explain`` turns it into
-``[B, H, W]`` in [0, 1].
+``[B, H, W]`` in [0, 1]; a method registered with ``final=True`` returns that final map itself.
 """
 
 import inspect
@@ -24,11 +24,12 @@ from zoo.output import check_image_batch, logits_of, model_name
 from .tokens import layer_layout, patch_grid
 
 __all__ = ["METHODS", "Explainer", "Number", "OneOf", "check_options", "default_layer", "explain", "mask_images",
-           "normalise_per_image", "pixel_statistics", "saliency_method"]
+           "min_max", "normalise_per_image", "pixel_statistics", "saliency_method"]
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {}
 _ALIASES: dict[str, str] = {}
 _LIMITS: dict[str, dict] = {}
+_FINAL: set[Callable] = set()  # methods whose maps are final: at the input size, in [0, 1]
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,12 +65,15 @@ class OneOf:
         return "one of " + ", ".join(map(repr, self.choices))
 
 
-def saliency_method(name: str, *aliases: str, **limits: Number | OneOf):
+def saliency_method(name: str, *aliases: str, final: bool = False, **limits: Number | OneOf):
     """Register ``fn(ex, **options)`` under ``name`` (and aliases) in ``METHODS``; ``limits`` are the allowed
-    values of its options, checked by ``check_options`` (an option whose default is None may also be None)."""
+    values of its options, checked by ``check_options`` (an option whose default is None may also be None).
+    ``final``: its maps are already at the input size and in [0, 1], and ``explain`` leaves them as they are."""
     def register(fn):
         METHODS[name] = fn
         _LIMITS[name] = limits
+        if final:
+            _FINAL.add(fn)
         for alias in aliases:
             METHODS[alias] = fn
             _ALIASES[alias] = name
@@ -201,16 +205,18 @@ class Explainer:
         return next(name for name, module in self.model.named_modules() if module is self.layer)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model(x)).float()
+        """The model's logits for ``x``, in float32 or finer (float64 stays float64)."""
+        return _at_least_float32(logits_of(self.model(x)))
 
     def autocast(self, amp_dtype: torch.dtype | str | None) -> AbstractContextManager:
         """``torch.autocast`` to ``amp_dtype`` (``bfloat16`` or ``float16``, a dtype or its name) on the
-        images' device, for the passes whose many forwards make a method's cost; None: float32 as is."""
+        images' device, for the passes whose many forwards make a method's cost; None: the model's own dtype."""
         if amp_dtype is None:
             return nullcontext()
         name = str(amp_dtype).removeprefix("torch.")
         if name not in AMP_DTYPES:
-            raise ValueError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)} or None (float32), got {amp_dtype!r}")
+            raise ValueError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)} or None (no autocast), "
+                             f"got {amp_dtype!r}")
         return torch.autocast(self.images.device.type, dtype=AMP_DTYPES[name])
 
     def score(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -301,16 +307,31 @@ def weighted_map(activations: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return torch.einsum("bk,bkhw->bhw", weights, activations).relu()
 
 
-def normalise_per_image(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling to ``size`` then per-image min-max to [0, 1]. A constant map gives zeros,
-    also when rounding in the upsampling made it differ from constant by a few ulps."""
-    maps = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
-    if maps.shape[-2:] != size:
-        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+def _at_least_float32(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.promote_types(values.dtype, torch.float32))
+
+
+def _cleaned(maps: torch.Tensor) -> torch.Tensor:
+    """Detached maps in float32 or finer, NaN and Inf set to 0."""
+    return torch.nan_to_num(_at_least_float32(maps.detach()), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def min_max(maps: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Per-image ``(A - min A) / (max A - min A + eps)`` of maps [B, H, W] (thesis eq. 1.7, 2.9). A map
+    constant up to rounding (a span below 1e-5 of its largest magnitude) gives zeros; differentiable."""
     low = maps.amin((1, 2), keepdim=True)
     span = maps.amax((1, 2), keepdim=True) - low
     constant = span <= 1e-5 * maps.abs().amax((1, 2), keepdim=True)
-    return torch.where(constant, 0.0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny))
+    return torch.where(constant, 0.0, (maps - low) / (span + eps))
+
+
+def normalise_per_image(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling to ``size`` then per-image min-max to [0, 1]. A constant map gives zeros,
+    also when rounding in the upsampling made it differ from constant by a few ulps."""
+    maps = _cleaned(maps)
+    if maps.shape[-2:] != size:
+        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return min_max(maps)
 
 
 def _positions(mask: torch.Tensor) -> str:
@@ -344,7 +365,8 @@ def check_targets(targets, batch: int, device: torch.device) -> torch.Tensor | N
 
 def explain(model: nn.Module, images: torch.Tensor, method: str, targets=None, layer: nn.Module | str | None = None,
             **options) -> torch.Tensor:
-    """Saliency maps ``[B, H, W]`` in [0, 1] of ``method`` for ``targets`` (default: predicted classes).
+    """Saliency maps ``[B, H, W]`` in [0, 1] of ``method`` for ``targets`` (default: predicted classes), float32
+    (float64 for a float64 model).
 
     ``layer`` (a module or its dotted name) is the layer CAM methods explain (``default_layer``); a token
     layer of a vision transformer is read as maps on its patch grid. ``options`` go to the
@@ -361,4 +383,4 @@ def explain(model: nn.Module, images: torch.Tensor, method: str, targets=None, l
         raw = METHODS[method](explainer, **options)
         if not raw.isfinite().all():  # only then one more forward, to tell a broken model from a rounding issue
             explainer.check_outputs()
-    return normalise_per_image(raw, images.shape[-2:])
+    return _cleaned(raw) if METHODS[method] in _FINAL else normalise_per_image(raw, images.shape[-2:])

@@ -2,15 +2,15 @@
 feature maps whose mask keeps the target logit highest, found by gradient ascent.
 
 Faithful to the authors' demo (features captured once, ReLU'd and detached; uniform initial weights;
-bilinear upsampling and per-image normalisation of the mask; masking in pixel space; Adam), and faster:
-the whole batch is optimised at once, each image stops on its own when its loss no longer changes, and
-no gradient is computed for the model's parameters.
+bilinear upsampling and per-image normalisation of the mask; masking in pixel space; Adam; the optimised
+mask is returned), and faster: the whole batch is optimised at once, each image stops on its own when its
+loss no longer changes, and no gradient is computed for the model's parameters.
 """
 
 import torch
 import torch.nn.functional as F
 
-from .core import Explainer, Number, OneOf, mask_images, pixel_statistics, saliency_method
+from .core import Explainer, Number, OneOf, mask_images, min_max, pixel_statistics, saliency_method
 
 OBJECTIVES = ("mask", "diff")
 NORMALISATIONS = ("range", "max", "sigmoid")
@@ -23,30 +23,30 @@ def combine(logits_u: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 
 
 def mask_of(saliency: torch.Tensor, size: tuple[int, int], normalisation: str) -> torch.Tensor:
-    """``n(up(S))``: the differentiable mask in [0, 1] at the image size, [B, H, W]."""
+    """``n(up(S))`` (eq. 2.6 with n of eq. 2.9-2.11): the differentiable mask in [0, 1] at the image size,
+    [B, H, W]. ``range`` gives zeros for a map constant up to rounding (``min_max``)."""
     up = F.interpolate(saliency[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     if normalisation == "sigmoid":
         return up.sigmoid()
-    high = up.amax((1, 2), keepdim=True)
     if normalisation == "max":
-        return up / (high + EPS)
-    low = up.amin((1, 2), keepdim=True)
-    return (up - low) / (high - low + EPS)
+        return up / (up.amax((1, 2), keepdim=True) + EPS)
+    return min_max(up, EPS)
 
 
-@saliency_method("opticam", iterations=Number(0, integer=True), lr=Number(0, strict=True), tolerance=Number(0),
-                 objective=OneOf(OBJECTIVES), normalisation=OneOf(NORMALISATIONS))
+@saliency_method("opticam", final=True, iterations=Number(0, integer=True), lr=Number(0, strict=True),
+                 tolerance=Number(0), objective=OneOf(OBJECTIVES), normalisation=OneOf(NORMALISATIONS))
 def opticam(ex: Explainer, iterations: int = 100, lr: float = 0.1, objective: str = "mask",
             normalisation: str = "range", tolerance: float | None = None, mean=None, std=None,
             amp_dtype: torch.dtype | str | None = None) -> torch.Tensor:
-    """Opti-CAM map ``S(x; u*)`` after at most ``iterations`` steps of Adam with step size ``lr`` (0 steps: the
-    uniform starting point). ``objective``: ``mask`` maximises the target logit of the masked image
-    (eq. 2.6), ``diff`` minimises its distance to the logit of the image (eq. 2.12). ``normalisation``
-    of the mask: ``range`` (min-max), ``max`` or ``sigmoid``. An image stops when its loss changes by
-    less than ``tolerance`` (default 1e-10; 0: never). ``mean``/``std``: the model's input normalisation
-    (default: its data config). ``amp_dtype`` runs the iterations' passes through the model under
-    autocast (features, weights and masks stay float32); its rounded logits repeat between iterations
-    long before convergence, so there the default tolerance is 0.
+    """Opti-CAM's optimised mask ``n(up(S(x; u*)))`` (eq. 2.6-2.7) at the image size, after at most
+    ``iterations`` steps of Adam with step size ``lr`` (0 steps: the uniform starting point). ``objective``:
+    ``mask`` maximises the target logit of the masked image (eq. 2.6), ``diff`` minimises its distance to
+    the logit of the image (eq. 2.12). ``normalisation`` n: ``range`` (min-max, eq. 2.9), ``max`` (eq. 2.10)
+    or ``sigmoid`` (eq. 2.11). An image stops when its loss changes by less than ``tolerance`` (default
+    1e-10; 0: never). ``mean``/``std``: the model's input normalisation (default: its data config).
+    ``amp_dtype`` runs the iterations' passes through the model under autocast (features, weights and
+    masks stay in the model's dtype); its rounded logits repeat between iterations long before
+    convergence, so there the default tolerance is 0.
     """
     amp = ex.autocast(amp_dtype)
     if tolerance is None:
@@ -57,7 +57,7 @@ def opticam(ex: Explainer, iterations: int = 100, lr: float = 0.1, objective: st
     mean, std = pixel_statistics(ex.model, ex.images, mean, std)
     size = ex.images.shape[-2:]
 
-    weights = torch.zeros(features.shape[:2], device=features.device, requires_grad=True)
+    weights = torch.zeros(features.shape[:2], dtype=features.dtype, device=features.device, requires_grad=True)
     optimizer = torch.optim.Adam([weights], lr=lr)
     active = torch.ones(len(features), dtype=torch.bool, device=features.device)
     previous = torch.full_like(original, float("inf"))
@@ -78,4 +78,4 @@ def opticam(ex: Explainer, iterations: int = 100, lr: float = 0.1, objective: st
         previous[rows] = loss
         if not active.any():
             break
-    return combine(weights.detach(), features)
+    return mask_of(combine(weights.detach(), features), size, normalisation)

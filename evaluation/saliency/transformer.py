@@ -74,7 +74,7 @@ def class_token_map(ex: Explainer, matrix: torch.Tensor) -> torch.Tensor:
 def rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020): ``R = Â_L ... Â_1`` with ``Â_l = (mean_h A_l + I) / 2``,
     rows renormalised to sum to 1 (the residual connection as identity attention); [B, N, N]."""
-    eye = torch.eye(attentions[0].shape[-1], device=attentions[0].device)
+    eye = torch.eye(attentions[0].shape[-1], dtype=attentions[0].dtype, device=attentions[0].device)
     result = eye.expand_as(attentions[0][:, 0])
     for attention in attentions:
         mixed = (attention.mean(1) + eye) / 2
@@ -88,7 +88,7 @@ def relevance(matrices: list[torch.Tensor], gradients: list[torch.Tensor]) -> to
     ``∇A_l`` the target logit's gradient with respect to block l's attention. ``M_l = A_l``: "Generic
     attention-model explainability" (ICCV 2021, eq. 5-6 for self-attention); ``M_l = R_{A_l}``, the LRP
     relevance of A_l: "Transformer Interpretability Beyond Attention Visualization" (CVPR 2021)."""
-    eye = torch.eye(matrices[0].shape[-1], device=matrices[0].device)
+    eye = torch.eye(matrices[0].shape[-1], dtype=matrices[0].dtype, device=matrices[0].device)
     result = eye.expand_as(matrices[0][:, 0])
     for matrix, gradient in zip(matrices, gradients, strict=True):
         result = result + (gradient * matrix).clamp_min(0).mean(1) @ result

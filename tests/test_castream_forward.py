@@ -81,21 +81,29 @@ def test_proj_ca_block_is_eq_3_8_on_projected_tokens():
 def test_stream_runs_on_timm_stage_outputs_and_reuses_the_classifier(backbone):
     # Recompute eq. 3.5-3.7 from timm's own forward_intermediates and the backbone's head,
     # for timm variants (deep stems, SE blocks, ConvNeXt-V2) as well as the registered ones.
-    model, x = zoo.CAStream(backbone=backbone, num_classes=10).eval(), images()
+    # ConvNeXt streams tap the stage outputs with taps="stages" (the authors' taps: test_castream_authors.py);
+    # layer scale 1, not timm's 1e-6, so that a stage's output differs from its input.
+    resnet = backbone.startswith(("resnet", "seresnext"))
+    options = {} if resnet else dict(taps="stages", ls_init_value=1.0)
+    model, x = zoo.CAStream(backbone=backbone, num_classes=10, **options).eval(), images()
     net = model.backbone
-    if backbone.startswith(("resnet", "seresnext")):
+    if resnet:
         stem, *stages = net.forward_intermediates(x, intermediates_only=True)
         features = [net.maxpool(stem), *stages]  # the authors tap the stem after its max-pool
     else:
         features = net.forward_intermediates(x, intermediates_only=True, norm=True)
-    query = model.stream.query.expand(2, -1)
+    query, attentions = model.stream.query.expand(2, -1), []
     for block, feats in zip(model.stream.blocks, features, strict=True):
         tokens = feats.flatten(2).transpose(1, 2)
         attention = torch.softmax(tokens @ query.unsqueeze(2) / tokens.shape[-1] ** 0.5, dim=1)
         query = block.proj((tokens * attention).sum(1))
+        attentions.append(attention.squeeze(2).unflatten(1, feats.shape[-2:]))
     expected = net.forward_head(query[:, :, None, None])
     torch.testing.assert_close(model(x).logits, expected)
-    torch.testing.assert_close(model.forward_stream(x).features, features[-1])
+    out = model.forward_stream(x)
+    torch.testing.assert_close(out.features, features[-1])
+    for got, reference in zip(out.attentions, attentions, strict=True):
+        torch.testing.assert_close(got, reference)
 
 
 def test_return_saliency_false_gives_plain_logits_for_timm_tooling(family):

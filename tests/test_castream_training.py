@@ -51,8 +51,10 @@ def test_a_training_step_moves_the_stream_and_nothing_else(model):
     assert "query" in changed and any(key.endswith("proj.weight") for key in changed)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model, x = timm.create_model("resnet18_castream", num_classes=5), torch.randn(2, 3, 64, 64)
+@pytest.mark.parametrize("name, kwargs", [("resnet18_castream", {}),
+                                          ("convnext_tiny_castream", dict(backbone="convnext_atto"))])
+def test_gradient_checkpointing_gives_the_same_gradients(name, kwargs):
+    model, x = timm.create_model(name, num_classes=5, **kwargs), torch.randn(2, 3, 64, 64)
     grads = []
     for enable in (False, True):
         model.zero_grad()

@@ -6,9 +6,11 @@ attention and is projected to the next stage's width (eq. 3.3, 3.7). The last qu
 average pooling before the backbone's own classifier, and the last attention is a saliency map that
 comes with every forward pass.
 
-The backbone is any timm ResNet or ConvNeXt, built by timm and used through its own modules: the
-stream taps the stem (after its max-pool, as the authors' code does) and the four residual stages of
-a ResNet, or the four stages of a ConvNeXt.
+The backbone is any timm ResNet or ConvNeXt, built by timm and used through its own modules. Where the
+thesis is silent, the stream follows the authors' code: it taps a ResNet's stem (after its max-pool) and
+four residual stages, and a ConvNeXt's stem, the downsampling layers that open stages 1 and 2, and the
+last stage (``taps="stages"``: the four stage outputs instead); its linear layers start as the authors'
+do for each family.
 """
 
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from typing import NamedTuple
 
 import timm
 import torch
+from timm.layers import trunc_normal_
 from timm.models import (
     ConvNeXt,
     ResNet,
@@ -24,6 +27,7 @@ from timm.models import (
     get_pretrained_cfg,
     register_model,
 )
+from timm.models._input import update_model_args
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -31,7 +35,8 @@ from ..hub import checkpoint_mismatch, hub_id
 from ..output import ModelOutput, check_image_batch, model_name
 from ._builder import build_zoo_model
 
-__all__ = ["CAStream", "CrossAttentionBlock", "CrossAttentionStream", "StreamOutput", "checkpoint_filter_fn"]
+__all__ = ["CAStream", "CrossAttentionBlock", "CrossAttentionStream", "StreamOutput", "checkpoint_filter_fn",
+           "trunc_normal_init", "xavier_uniform_init"]
 
 
 class CrossAttentionBlock(nn.Module):
@@ -71,15 +76,29 @@ class CrossAttentionBlock(nn.Module):
         return self.proj(tokens)
 
 
+def xavier_uniform_init(linear: nn.Linear) -> None:
+    """The authors' ResNet streams: Xavier-uniform weights; biases keep ``nn.Linear``'s default."""
+    nn.init.xavier_uniform_(linear.weight)
+
+
+def trunc_normal_init(linear: nn.Linear) -> None:
+    """The authors' ConvNeXt streams, as timm's ConvNeXt starts its own linear layers: weights from a
+    normal of std 0.02 (timm's ``trunc_normal_``, cut at +-2), zero biases."""
+    trunc_normal_(linear.weight, std=0.02)
+    nn.init.zeros_(linear.bias)
+
+
 class CrossAttentionStream(nn.Module):
     """The learnable query ``q_0`` and one cross-attention block per tapped stage.
 
     ``widths`` are the stage widths ``d_l``; block l maps ``d_l`` to ``d_{l+1}`` and the last keeps
     ``d_L``. With ``num_queries > 1`` there is one query per class (the class-specific ablation).
-    Initialisation follows the authors' code: ``q_0 ~ N(1, 1)``, Xavier-uniform projections.
+    Initialisation follows the authors' code: ``q_0 ~ N(1, 1)`` and ``linear_init`` on every linear layer
+    (``xavier_uniform_init`` for a ResNet, ``trunc_normal_init`` for a ConvNeXt).
     """
 
-    def __init__(self, widths: list[int], num_queries: int = 1, kv_proj: bool = False, proj_drop: float = 0.0):
+    def __init__(self, widths: list[int], num_queries: int = 1, kv_proj: bool = False, proj_drop: float = 0.0,
+                 linear_init: Callable[[nn.Linear], None] = xavier_uniform_init):
         super().__init__()
         out_widths = widths[1:] + widths[-1:]
         self.query = nn.Parameter(torch.empty(num_queries, widths[0]))
@@ -90,8 +109,7 @@ class CrossAttentionStream(nn.Module):
         nn.init.normal_(self.query, mean=1.0, std=1.0)
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                linear_init(module)
 
 
 class StreamOutput(NamedTuple):
@@ -102,13 +120,21 @@ class StreamOutput(NamedTuple):
     features: torch.Tensor  # F_L, the last stage's features [B, d_L, h_L, w_L]
 
 
-def _resnet_stages(net: ResNet) -> list[list[nn.Module]]:
-    """f_0 ... f_4 of eq. 3.5: the stem up to its max-pool, then the four residual stages."""
+def _resnet_taps(net: ResNet) -> list[list[nn.Module]]:
+    """f_0 ... f_4 of eq. 3.5 as the authors tap: the stem up to its max-pool, then the four residual stages."""
     return [[net.conv1, net.bn1, net.act1, net.maxpool], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
 
 
-def _convnext_stages(net: ConvNeXt) -> list[list[nn.Module]]:
-    """f_0 ... f_3 of eq. 3.5: the four stages (the stem runs before the first)."""
+def _convnext_authors_taps(net: ConvNeXt) -> list[list[nn.Module]]:
+    """f_0 ... f_3 of eq. 3.5 as the authors tap: the stem, then the downsampling layers that open stages 1
+    and 2 (each the first feature at a new resolution and width), then the last stage."""
+    stages = net.stages
+    return [[net.stem], [stages[0], stages[1].downsample], [stages[1].blocks, stages[2].downsample],
+            [stages[2].blocks, stages[3], net.norm_pre]]
+
+
+def _convnext_stage_taps(net: ConvNeXt) -> list[list[nn.Module]]:
+    """f_0 ... f_3 of eq. 3.5 at the four stage outputs (the stem runs before the first)."""
     return [[net.stem, net.stages[0]], [net.stages[1]], [net.stages[2]], [net.stages[3], net.norm_pre]]
 
 
@@ -118,9 +144,16 @@ def _run(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-_STAGE_SPLITS: dict[type, Callable[[nn.Module], list[list[nn.Module]]]] = {
-    ResNet: _resnet_stages,
-    ConvNeXt: _convnext_stages,
+class _Family(NamedTuple):
+    """How the authors' code builds a family's stream, and the placements we offer besides."""
+
+    taps: dict[str, Callable[[nn.Module], list[list[nn.Module]]]]  # name -> f_0 ... f_L; "authors" is the default
+    linear_init: Callable[[nn.Linear], None]
+
+
+_FAMILIES: dict[type, _Family] = {
+    ResNet: _Family({"authors": _resnet_taps}, xavier_uniform_init),
+    ConvNeXt: _Family({"authors": _convnext_authors_taps, "stages": _convnext_stage_taps}, trunc_normal_init),
 }
 
 
@@ -139,6 +172,10 @@ class CAStream(nn.Module):
         kv_proj: PROJ->CA blocks with key/value projections (eq. 3.8) instead of vanilla CA.
         class_specific: one query per class; at training the target's, at inference the class the
             GAP baseline predicts (thesis §3.6.2).
+        taps: where the stream reads the backbone (the points of eq. 3.5): ``"authors"``, as the authors'
+            code (ResNet: stem after its max-pool, four stages; ConvNeXt: stem, the downsampling layers
+            opening stages 1 and 2, stage 3), or for a ConvNeXt ``"stages"``, its four stage outputs.
+            Saved with the model's arguments, so a checkpoint reloads with its own taps.
         proj_drop_rate: dropout after each projection but the last.
         drop_rate: dropout before the classifier.
         return_saliency: forward returns ``ModelOutput`` (default) or plain logits.
@@ -153,6 +190,7 @@ class CAStream(nn.Module):
         stream_start: int = 0,
         kv_proj: bool = False,
         class_specific: bool = False,
+        taps: str = "authors",
         proj_drop_rate: float = 0.0,
         drop_rate: float = 0.0,
         return_saliency: bool = True,
@@ -161,10 +199,13 @@ class CAStream(nn.Module):
         super().__init__()
         net = timm.create_model(backbone, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
                                 **backbone_kwargs)
-        split = next((fn for cls, fn in _STAGE_SPLITS.items() if isinstance(net, cls)), None)
-        if split is None:
-            supported = ", ".join(cls.__name__ for cls in _STAGE_SPLITS)
+        family = next((fam for cls, fam in _FAMILIES.items() if isinstance(net, cls)), None)
+        if family is None:
+            supported = ", ".join(cls.__name__ for cls in _FAMILIES)
             raise ValueError(f"CA-Stream needs a timm {supported} backbone; {backbone!r} is a {type(net).__name__}")
+        if taps not in family.taps:
+            options = ", ".join(map(repr, family.taps))
+            raise ValueError(f"taps for a {type(net).__name__} backbone must be one of {options}, got {taps!r}")
         widths = [info["num_chs"] for info in net.feature_info]
         if not 0 <= stream_start < len(widths):
             raise ValueError(f"stream_start must be a stage index in 0..{len(widths) - 1}, got {stream_start}")
@@ -173,9 +214,11 @@ class CAStream(nn.Module):
 
         self.backbone = net
         self.stream = CrossAttentionStream(widths[stream_start:], num_classes if class_specific else 1, kv_proj,
-                                           proj_drop_rate)
-        self._stages = split(net)  # plain list: these modules are registered under ``backbone``
+                                           proj_drop_rate, family.linear_init)
+        self._stages = family.taps[taps](net)  # plain list: these modules are registered under ``backbone``
         self.stream_start = stream_start
+        self.taps = taps
+        update_model_args(self, taps=taps)  # timm's save_for_hf writes it to config.json, explicit even if default
         self.class_specific = class_specific
         self.return_saliency = return_saliency
         self.backbone_frozen = False
@@ -400,20 +443,20 @@ def resnet101_castream(pretrained: bool = False, **kwargs) -> CAStream:
 
 @register_model
 def convnext_tiny_castream(pretrained: bool = False, **kwargs) -> CAStream:
-    """ConvNeXt-T with a CA-Stream over its four stages."""
+    """ConvNeXt-T with a CA-Stream tapped as the authors' code taps a ConvNeXt."""
     model_args = dict(backbone="convnext_tiny")
     return _create_castream("convnext_tiny_castream", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convnext_small_castream(pretrained: bool = False, **kwargs) -> CAStream:
-    """ConvNeXt-S with a CA-Stream over its four stages (thesis Table 3.3)."""
+    """ConvNeXt-S with a CA-Stream tapped as the authors' code taps a ConvNeXt (thesis Table 3.3)."""
     model_args = dict(backbone="convnext_small")
     return _create_castream("convnext_small_castream", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convnext_base_castream(pretrained: bool = False, **kwargs) -> CAStream:
-    """ConvNeXt-B with a CA-Stream over its four stages (thesis Table 3.3)."""
+    """ConvNeXt-B with a CA-Stream tapped as the authors' code taps a ConvNeXt (thesis Table 3.3)."""
     model_args = dict(backbone="convnext_base")
     return _create_castream("convnext_base_castream", pretrained, **dict(model_args, **kwargs))

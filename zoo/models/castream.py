@@ -27,7 +27,6 @@ from timm.models import (
     get_pretrained_cfg,
     register_model,
 )
-from timm.models._input import update_model_args
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -218,7 +217,9 @@ class CAStream(nn.Module):
         self._stages = family.taps[taps](net)  # plain list: these modules are registered under ``backbone``
         self.stream_start = stream_start
         self.taps = taps
-        update_model_args(self, taps=taps)  # timm's save_for_hf writes it to config.json, explicit even if default
+        # timm >= 1.0.31 writes a model's ``_model_args`` to config.json in save_for_hf: the taps travel with
+        # the checkpoint even when they are the default (older timm writes only the model_args it is given)
+        self._model_args = {**getattr(self, "_model_args", {}), "taps": taps}
         self.class_specific = class_specific
         self.return_saliency = return_saliency
         self.backbone_frozen = False

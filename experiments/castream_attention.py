@@ -37,7 +37,7 @@ from zoo.evaluation.saliency import normalise_per_image
 from zoo.hub import read_config
 from zoo.metrics import METRICS, reported_value
 from zoo.training.config import Recipe
-from zoo.training.run_folder import is_finished
+from zoo.training.run_folder import finished_model
 from zoo.training.train import train
 
 DEMO_STREAM_RUN = "castream"  # the demo's run of its stream, in the same runs/ folder as its GAP model's run
@@ -54,7 +54,7 @@ def demo_stream_recipe(gap: Path) -> Recipe:
 
 def trained(recipe: Recipe) -> Path:
     """The model folder of ``recipe``'s run, trained unless the run finished already."""
-    return Path(recipe.output_dir) / "model" if is_finished(recipe.output_dir) else train(recipe)
+    return finished_model(recipe) or train(recipe)
 
 
 def scored_canvases(model_dir: Path, root: str, options: dict, count: int):

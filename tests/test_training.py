@@ -20,6 +20,7 @@ import zoo  # noqa: F401
 from zoo.hub import load_model
 from zoo.training.config import list_recipes, load_recipe
 from zoo.training.optimiser import create_optimizer, create_schedule
+from zoo.training.run_folder import finished_model
 from zoo.training.train import build_loaders, build_model, subset, train
 
 SMALL_BACKBONE = {"backbone": "resnet10t"}  # the smallest timm ResNet keeps each step fast
@@ -305,9 +306,14 @@ def test_two_processes_see_disjoint_data_and_end_with_identical_weights(tmp_path
 
 def test_finished_or_foreign_runs_are_never_overwritten(tmp_path):
     recipe = stream_recipe(tmp_path, epochs=1)
+    assert finished_model(recipe) is None
     train(recipe, cpu=True)
     with pytest.raises(FileExistsError, match="holds a finished run; --overwrite replaces it"):
         train(recipe, cpu=True)
+    # reused as it is by the demo and the experiments, but only for the recipe it ran
+    assert finished_model(dataclasses.replace(recipe, workers=3)) == tmp_path / "run" / "model"
+    with pytest.raises(FileExistsError, match="holds a finished run of another recipe .*lr: 0.1 -> 0.05"):
+        finished_model(stream_recipe(tmp_path, epochs=1, lr=0.05))
     status = tmp_path / "run" / "status.json"
     status.write_text(json.dumps({"state": "running"}))
     with pytest.raises(FileExistsError, match="another recipe .*lr: 0.1 -> 0.05"):

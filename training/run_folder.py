@@ -42,8 +42,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from .config import Recipe
 
-__all__ = ["DamagedCheckpoint", "MetricsLog", "Progress", "RunFolder", "checkpoint_files", "is_finished",
-           "read_checkpoint", "restore", "write_checkpoint"]
+__all__ = ["DamagedCheckpoint", "MetricsLog", "Progress", "RunFolder", "checkpoint_files", "finished_model",
+           "is_finished", "read_checkpoint", "restore", "write_checkpoint"]
 
 
 @dataclass
@@ -171,6 +171,26 @@ def is_finished(folder: Path | str) -> bool:
     return status.is_file() and json.loads(status.read_text()).get("state") == "finished"
 
 
+def recipe_differences(stored: dict, recipe: dict) -> str:
+    """What ``recipe`` changes from the ``stored`` one, "key: old -> new, ..."; empty when it is the same run (the
+    number of data workers and the folder do not make another run)."""
+    return ", ".join(f"{key}: {value!r} -> {recipe.get(key)!r}" for key, value in stored.items()
+                     if key not in ("workers", "output_dir") and recipe.get(key) != value)
+
+
+def finished_model(recipe: Recipe) -> Path | None:
+    """The ``model/`` folder of ``recipe``'s finished run in its output_dir, to reuse; None when no run finished
+    there. A finished run of another recipe is refused, never taken for this one."""
+    folder = Path(recipe.output_dir)
+    if not is_finished(folder):
+        return None
+    differences = recipe_differences(json.loads((folder / "recipe.json").read_text()), recipe.to_dict())
+    if differences:
+        raise FileExistsError(f"{folder} holds a finished run of another recipe ({differences}): choose another "
+                              "folder, or remove it to train this recipe")
+    return folder / "model"
+
+
 class RunFolder:
     """The output folder: refuses to overwrite, finds the checkpoint to resume, writes checkpoints atomically."""
 
@@ -196,11 +216,9 @@ class RunFolder:
             return
         if is_finished(self.path):
             raise FileExistsError(f"{self.path} holds a finished run; --overwrite replaces it")
-        differences = {key: (value, self.recipe.get(key)) for key, value in json.loads(stored.read_text()).items()
-                       if key not in ("workers", "output_dir") and self.recipe.get(key) != value}
+        differences = recipe_differences(json.loads(stored.read_text()), self.recipe)
         if differences:
-            listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differences.items())
-            raise FileExistsError(f"{self.path} holds an unfinished run of another recipe ({listed}); "
+            raise FileExistsError(f"{self.path} holds an unfinished run of another recipe ({differences}); "
                                   "--overwrite replaces it, or choose another output_dir")
 
     def prepare(self, accelerator: Accelerator) -> tuple[Path, dict[str, bytes]] | None:

@@ -2,8 +2,11 @@
 
     zoo-eval resnet50_castream --dataset cub --data-root data/ --methods gradcam scorecam fakecam
 
-One protocol, recorded in full with the results: the model and its weights, the dataset and split,
-preprocessing, the saliency methods and their options, which class is explained (ground truth by
+One protocol, recorded in full with the results: the model, its arguments and its weights (named as timm names
+them: ``local-dir:<folder>``, ``hf-hub:<org>/<name>``, ``<arch>.<tag>``, or a folder or ``.safetensors`` file;
+a checkpoint's own model arguments and input size, interpolation, crop and mean/std apply unless the command
+line says otherwise), the dataset and split (with ``--limit``, a fixed sample across it), preprocessing, the
+saliency methods and their options, which class is explained (ground truth by
 default, the prediction with ``--targets predicted``), how its probability is read from the logits (softmax,
 or on a multi-label dataset the sigmoid of its logit), the insertion/deletion preset. A run lives in
 ``<out>/<protocol hash>/`` (the weights hashed by their content): every batch's per-image results are
@@ -15,6 +18,7 @@ method's option, an empty split) is refused before anything is written.
 """
 
 import argparse
+import ast
 import hashlib
 import json
 import time
@@ -33,9 +37,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import zoo  # noqa: F401  (registers the zoo's models)
-from zoo.data import DATASETS, build_dataset, collate
+from zoo.data import DATASETS, build_dataset, collate, sample_indices
 from zoo.data.transforms import eval_transform
-from zoo.hub import load_model, sha256, weights_file
+from zoo.hub import Weights, load_model, resolve_weights, sha256
 from zoo.metrics import METRICS, RECOGNITION, Metric, recognition, reported_value, tables
 from zoo.output import logits_of
 
@@ -50,6 +54,7 @@ from .metrics import (
 )
 from .saliency import METHODS, check_options, explain, mask_images, pixel_statistics
 
+DATA_CONFIG = ("input_size", "interpolation", "crop_pct", "mean", "std")  # what a run's preprocessing reads
 BOX_BASELINES = ("box", "box_complement")  # thesis Table 2.5: the ground truth itself as a saliency map
 EXAMPLES = 6  # images shown per method in examples.png
 
@@ -70,7 +75,7 @@ class Protocol:
     """Everything that decides a number in the results; its hash names the run."""
 
     model: str
-    weights: str | None
+    weights: str | None  # any name ``zoo.hub.resolve_weights`` takes; None: a random initialisation
     num_classes: int
     dataset: str
     data_root: str
@@ -83,10 +88,10 @@ class Protocol:
     curves: str = DEFAULT_PROTOCOL
     probabilities: str | None = None  # "softmax" or "sigmoid" (``dataset_probabilities``); None: ``run`` resolves it
     batch_size: int = 16
-    data_config: dict = field(default_factory=dict)
-    seed: int = 0  # of a random initialisation, so that every process and every resumed run has the same model
+    data_config: dict = field(default_factory=dict)  # these fields; ``run`` takes the rest from the weights or model
+    seed: int = 0  # of a random initialisation and of the ``limit`` sample: the same in every process and resumed run
     dataset_options: dict = field(default_factory=dict)  # passed to the dataset reader (e.g. a canvas's size)
-    model_args: dict = field(default_factory=dict)  # passed to timm.create_model (e.g. a narrower backbone)
+    model_args: dict = field(default_factory=dict)  # timm.create_model's, over the checkpoint's (``run`` merges)
     weights_sha256: str | None = None  # of the safetensors file the weights resolve to; ``run`` fills it in
 
     def key(self) -> str:
@@ -95,12 +100,15 @@ class Protocol:
         groups resolve to, under which the cached batches hold per-image values in natural units: a metric added
         to a group, or a run cached before this convention, is another run. ``probabilities`` counts unless it is
         "softmax", what every run used before the field existed: those runs keep their names (and caches), a
-        sigmoid run is another run."""
+        sigmoid run is another run. A ``limit`` counts as a sample across the split: runs from when it took the
+        split's first images are other runs."""
         fields = asdict(self)
         if self.weights_sha256 is not None:
             del fields["weights"]
         if self.probabilities == "softmax":
             del fields["probabilities"]
+        if self.limit is not None:
+            fields["limit"] = {"sample of": self.limit}
         fields["metric_keys"] = [metric.key for metric in METRICS.values() if metric.group in self.metrics]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -260,12 +268,26 @@ def _cell(values: dict | None, name: str) -> str:
     return f"{PER_BATCH * values['seconds_per_image'] if name == 'T' else values[name]:.2f}"
 
 
+def run_labels(results: list[dict]) -> list[str]:
+    """A name for each run that tells it from the others: its model; where another run has the same, the first 8
+    hex digits of its weights' SHA-256 (or "random init"); where still the same, its run folder (protocol key)."""
+    def weights(result: dict) -> str:
+        digest = result["protocol"].get("weights_sha256")
+        return f"weights {digest[:8]}" if digest else "random init"
+
+    labels = [result["protocol"]["model"] for result in results]
+    for detail in (weights, lambda result: f"run {result.get('key', '?')}"):
+        labels = [f"{label} ({detail(result)})" if labels.count(label) > 1 else label
+                  for label, result in zip(labels, results, strict=True)]
+    return labels
+
+
 def comparison(results: list[dict], by_model: bool = False) -> str:
     """Several runs side by side. By default grouped by method, as the thesis' Tables 3.1 and 4.1 set GAP
     against CA-Stream or a baseline against gradient denoising: one row per (method, run). ``by_model``:
     as Tables 2.2, 2.4 and 2.7 set ViT-B beside DeiT-B: one row per method, one column group per run (the
-    faithfulness group with T, seconds per batch of 8 images)."""
-    lines = []
+    faithfulness group with T, seconds per batch of 8 images). Runs are named by ``run_labels``."""
+    lines, labels = [], run_labels(results)
     methods = dict.fromkeys(method for result in results for method in result["methods"])
     for title, columns in result_tables().items():
         present = [(metric.key, metric.arrow) for metric in columns
@@ -275,7 +297,7 @@ def comparison(results: list[dict], by_model: bool = False) -> str:
         lines += ["", f"## {title.capitalize()}", ""]
         if by_model:
             group = present + [("T", "")] * (title == "faithfulness")
-            lines += ["| method | " + " | ".join(f"{result['protocol']['model']} {name}{arrow}" for result in results
+            lines += ["| method | " + " | ".join(f"{label} {name}{arrow}" for label in labels
                                                 for name, arrow in group) + " |",
                       "|---" * (len(group) * len(results) + 1) + "|"]
             lines += [f"| {method} | " + " | ".join(_cell(result["methods"].get(method), name) for result in results
@@ -284,10 +306,10 @@ def comparison(results: list[dict], by_model: bool = False) -> str:
         lines += ["| method | model | " + " | ".join(f"{name}{arrow}" for name, arrow in present) + " |",
                   "|---" * (len(present) + 2) + "|"]
         for method in methods:
-            for result in results:
+            for label, result in zip(labels, results, strict=True):
                 if method in result["methods"]:
                     cells = [_cell(result["methods"][method], name) for name, _ in present]
-                    lines.append(f"| {method} | {result['protocol']['model']} | " + " | ".join(cells) + " |")
+                    lines.append(f"| {method} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -341,15 +363,19 @@ def examples_figure(record: dict, methods: list[str], path: Path) -> None:
 
 
 def check_run(protocol: Protocol, dataset, workers: int) -> None:
-    """Refuse, before anything is written, what would fail later: a limit or batch size below 1, negative
-    workers, an empty split, an unknown way to read probabilities, an unknown method, a method option outside its
-    limits."""
+    """Refuse, before anything is written, what would fail later or measure something else than asked: a limit or
+    batch size below 1, negative workers, an empty split, metrics that need ground-truth boxes on a dataset
+    without, an unknown way to read probabilities, an unknown method, a method option outside its limits."""
     for name, value, low in (("limit", protocol.limit, 1), ("batch_size", protocol.batch_size, 1),
                              ("workers", workers, 0)):
         if value is not None and value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
     if len(dataset) == 0:
         raise ValueError(f"{protocol.dataset} has no image in its {protocol.split} split at {protocol.data_root}")
+    on_boxes = [group for group in protocol.metrics if group in box_groups()]
+    if on_boxes and not len(dataset.load(0)[1]["boxes"]):
+        raise ValueError(f"{protocol.dataset} ({protocol.split} split at {protocol.data_root}) has no ground-truth "
+                         f"boxes, which the {', '.join(on_boxes)} metrics need: leave them out of --metrics")
     if protocol.probabilities is not None:
         check_probabilities(protocol.probabilities)
     for method in dict.fromkeys([*protocol.methods, *protocol.method_options]):
@@ -357,12 +383,12 @@ def check_run(protocol: Protocol, dataset, workers: int) -> None:
             check_options(method, protocol.method_options.get(method, {}))
 
 
-def _missing(record: dict, indices: list[int], protocol: Protocol) -> list[str]:
-    """What a finished batch of the images ``indices`` holds and ``record`` lacks: the images' and explanations'
-    keys, every method's time and ``measured`` metrics, in the first batch the examples."""
+def _missing(record: dict, protocol: Protocol, first: bool) -> list[str]:
+    """What a finished batch holds and ``record`` lacks: the images' and explanations' keys, every method's time
+    and ``measured`` metrics, in the ``first`` batch the examples."""
     needed = ["image/index", "image/logits", "image/labels", "row/rows", "row/classes", "row/p",
               *(f"time/{method}" for method in protocol.methods),
-              *(["example/images", *(f"example/{method}" for method in protocol.methods)] if indices[0] == 0 else [])]
+              *(["example/images", *(f"example/{method}" for method in protocol.methods)] if first else [])]
     missing = [key for key in needed if key not in record]
     if missing:
         return missing
@@ -373,9 +399,9 @@ def _missing(record: dict, indices: list[int], protocol: Protocol) -> list[str]:
     return [key for key in needed if key not in record]
 
 
-def cached(path: Path, indices: list[int], protocol: Protocol) -> bool:
+def cached(path: Path, indices: list[int], protocol: Protocol, first: bool) -> bool:
     """Whether ``path`` holds the finished batch of the images ``indices``: complete safetensors with every
-    method's results for those images (and, in the first batch, the examples). A damaged file is named in a
+    method's results for those images (and, in the ``first`` batch, the examples). A damaged file is named in a
     one-line notice (it will be computed again)."""
     if not path.exists():
         return False
@@ -384,7 +410,7 @@ def cached(path: Path, indices: list[int], protocol: Protocol) -> bool:
     except (SafetensorError, OSError) as error:
         damage = f"not complete safetensors: {' '.join(str(error).split())}"
     else:
-        missing = _missing(record, indices, protocol)
+        missing = _missing(record, protocol, first)
         if missing:
             damage = f"without {', '.join(missing)}"
         elif record["image/index"].tolist() != indices:
@@ -421,18 +447,39 @@ def finished(results: Path) -> bool:
     return True
 
 
+def evaluated_indices(dataset, limit: int | None, seed: int = Protocol.seed) -> list[int]:
+    """The images of ``dataset`` a run evaluates, in order: all of them, or with a ``limit`` a sample across the
+    split drawn from the protocol's ``seed`` (``zoo.data.sample_indices``, the sample ``zoo-train --limit``
+    draws)."""
+    return sample_indices(len(dataset), limit or len(dataset), seed)
+
+
+def resolve(protocol: Protocol, dataset) -> tuple[Protocol, Weights | None]:
+    """The protocol as it is run, and its weights (``zoo.hub.resolve_weights``: resolved and checked once):
+    ``probabilities`` where None from the dataset's labels (``dataset_probabilities``), ``weights_sha256`` where
+    None the SHA-256 of their safetensors file, ``model_args`` over the checkpoint's own (where it is one of this
+    model), ``data_config`` completed from the weights' pretrained config (input size, interpolation, crop,
+    mean/std), else the model's."""
+    weights = None if protocol.weights is None else resolve_weights(protocol.model, protocol.weights)
+    model_args = protocol.model_args if weights is None else weights.model_args_for(protocol.model,
+                                                                                     **protocol.model_args)
+    with torch.device("meta"):
+        model = timm.create_model(protocol.model, num_classes=protocol.num_classes, **model_args,
+                                  pretrained_cfg_overlay=None if weights is None else weights.data_cfg)
+    config = resolve_data_config(protocol.data_config, model=model)
+    resolved = replace(protocol, model_args=model_args, data_config={key: config[key] for key in DATA_CONFIG},
+                       probabilities=protocol.probabilities or dataset_probabilities(dataset))
+    if resolved.weights_sha256 is None and weights is not None:
+        resolved = replace(resolved, weights_sha256=sha256(weights.file))
+    return resolved, weights
+
+
 def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, workers: int = 0) -> Path:
     """Evaluate every batch of ``dataset`` not cached yet (this process's share), then, on the main process,
-    write the results. Returns the run's folder. Bad input is refused first (``check_run``); the weights are
-    resolved to their safetensors file once (``zoo.hub.weights_file``), which is loaded, and whose SHA-256 fills
-    the protocol's ``weights_sha256`` where None, and ``probabilities`` where None is resolved from the dataset's
-    labels (``dataset_probabilities``), before the run's folder is named."""
+    write the results. Returns the run's folder. Bad input is refused first (``check_run``), then the protocol is
+    completed (``resolve``) before the run's folder is named. The images are ``evaluated_indices``."""
     check_run(protocol, dataset, workers)
-    if protocol.probabilities is None:
-        protocol = replace(protocol, probabilities=dataset_probabilities(dataset))
-    weights = None if protocol.weights is None else weights_file(protocol.model, protocol.weights)
-    if protocol.weights_sha256 is None and weights is not None:
-        protocol = replace(protocol, weights_sha256=sha256(weights))
+    protocol, weights = resolve(protocol, dataset)
     run_dir, main = out / protocol.key(), accelerator.is_main_process
     batches_dir = run_dir / "batches"
     if main:
@@ -443,15 +490,13 @@ def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, worker
             print(f"{run_dir} already holds the results of this protocol; nothing to do")
         return run_dir
     torch.manual_seed(protocol.seed)
-    model = load_model(protocol.model, None if weights is None else str(weights), protocol.num_classes,
-                       **protocol.model_args)  # the file hashed, checked once
+    model = load_model(protocol.model, weights, protocol.num_classes, **protocol.model_args)  # as resolved
     model = model.to(accelerator.device).eval()
     dataset.transforms = eval_transform(protocol.data_config)
-    count = len(dataset) if protocol.limit is None else min(protocol.limit, len(dataset))
-    batches = [list(range(start, min(start + protocol.batch_size, count)))
-               for start in range(0, count, protocol.batch_size)]
+    chosen = evaluated_indices(dataset, protocol.limit, protocol.seed)
+    batches = [chosen[start:start + protocol.batch_size] for start in range(0, len(chosen), protocol.batch_size)]
     todo = [k for k in range(accelerator.process_index, len(batches), accelerator.num_processes)
-            if not cached(batches_dir / f"{k:06d}.safetensors", batches[k], protocol)]
+            if not cached(batches_dir / f"{k:06d}.safetensors", batches[k], protocol, first=k == 0)]
     loader = DataLoader(dataset, batch_sampler=[batches[k] for k in todo], collate_fn=collate, num_workers=workers)
     for k, (images, target) in zip(todo, tqdm(loader, desc=f"{protocol.model} batches", disable=not main),
                                    strict=True):
@@ -487,6 +532,24 @@ def _option(text: str) -> tuple[str, str, object]:
         return method, key, value
 
 
+def _keyword(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--model-kwargs``, the value read as timm's scripts read it: a Python literal, else JSON
+    (``true``, ``null``), else the text itself."""
+    key, _, value = text.partition("=")
+    if not (key.isidentifier() and value):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. img_size=96), got {text!r}")
+    if key == "num_classes":
+        raise argparse.ArgumentTypeError("num_classes is the dataset's class count, not a model argument to set")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def _at_least(low: int):
     """An argparse type: an integer >= ``low``."""
     def integer(text: str) -> int:
@@ -501,16 +564,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="zoo-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a registered model name, e.g. resnet50_castream or resnet50")
-    parser.add_argument("--weights", help="a .safetensors file, an org/name Hub id, or 'default' (its own tag); "
-                                          "random initialisation when left out")
+    parser.add_argument("--weights", help="as timm names them: local-dir:FOLDER, hf-hub:ORG/NAME, ARCH.TAG or "
+                                          "'default' (the model's own tag); or a checkpoint folder, an ORG/NAME Hub "
+                                          "id, a .safetensors file. A checkpoint's config.json model arguments "
+                                          "and input size, crop and mean/std apply (the flags below win). Random "
+                                          "initialisation when left out")
+    parser.add_argument("--model-kwargs", nargs="+", action="extend", type=_keyword, default=[], metavar="KEY=VALUE",
+                        help="arguments of timm.create_model, as timm's scripts take them (e.g. img_size=96 "
+                             "dynamic_img_size=True; the image size the data is resized to is --img-size's)")
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--split", help="default: the dataset's evaluation split")
     parser.add_argument("--methods", nargs="+", help=f"saliency methods ({', '.join(sorted(METHODS))}) and the "
                                                      f"ground-truth baselines {', '.join(BOX_BASELINES)}")
     parser.add_argument("--option", action="append", type=_option, default=[], metavar="METHOD.OPTION=VALUE")
-    parser.add_argument("--metrics", nargs="+", default=metric_groups(), choices=metric_groups(),
-                        help="groups of metrics (default: all)")
+    parser.add_argument("--metrics", nargs="+", choices=metric_groups(),
+                        help="groups of metrics (default: all those the dataset allows)")
     parser.add_argument("--targets", choices=("ground-truth", "predicted"), default="ground-truth")
     parser.add_argument("--curves", choices=sorted(PROTOCOLS), default=DEFAULT_PROTOCOL,
                         help="insertion/deletion preset (default: %(default)s)")
@@ -518,8 +587,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="the explained class's probability, for AD/AG/AI, ADCC, SM and insertion/deletion: "
                              "softmax over the classes or sigmoid of its logit (default: sigmoid on a multi-label "
                              "dataset, softmax otherwise)")
-    parser.add_argument("--limit", type=_at_least(1), help="only the first N images")
-    parser.add_argument("--img-size", type=_at_least(1), help="default: the model's")
+    parser.add_argument("--limit", type=_at_least(1), help="only N images, a fixed sample across the split (the "
+                                                           "classes of a split stored class by class)")
+    parser.add_argument("--img-size", type=_at_least(1), help="default: the weights' (their config.json's), else "
+                                                              "the model's")
     parser.add_argument("--batch-size", type=_at_least(1), default=16)
     parser.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes")
     parser.add_argument("--out", type=Path, default=Path("results/eval"))
@@ -531,8 +602,8 @@ def main(argv: list[str] | None = None) -> None:
     split = args.split or next(s for s in reader.splits if s != "train")
     dataset = build_dataset(args.dataset, args.data_root, split)
     has_boxes = len(dataset) > 0 and len(dataset.load(0)[1]["boxes"]) > 0
-    without_boxes = [group for group in args.metrics if group in box_groups() and not has_boxes]
-    metrics = [group for group in args.metrics if group not in without_boxes]
+    without_boxes = [] if has_boxes else [group for group in metric_groups() if group in box_groups()]
+    metrics = args.metrics or [group for group in metric_groups() if group not in without_boxes]
     methods = args.methods or ["gradcam", "gradcampp", "fakecam"]
     unknown = [m for m in methods if m not in METHODS and m not in BOX_BASELINES]
     if unknown:
@@ -543,22 +614,18 @@ def main(argv: list[str] | None = None) -> None:
     options = {}
     for method, key, value in args.option:
         options.setdefault(method, {})[key] = value
-    with torch.device("meta"):
-        config = resolve_data_config({} if args.img_size is None else dict(input_size=(3, args.img_size,
-                                                                                       args.img_size)),
-                                     model=timm.create_model(args.model))
     protocol = Protocol(
         model=args.model, weights=args.weights, num_classes=len(dataset.classes), dataset=args.dataset,
         data_root=str(Path(args.data_root).resolve()), split=split, limit=args.limit,
         methods=methods, method_options=options, metrics=metrics, targets=args.targets, curves=args.curves,
-        probabilities=args.probabilities, batch_size=args.batch_size,
-        data_config={k: config[k] for k in ("input_size", "interpolation", "crop_pct", "mean", "std")},
+        probabilities=args.probabilities, batch_size=args.batch_size, model_args=dict(args.model_kwargs),
+        data_config={} if args.img_size is None else dict(input_size=(3, args.img_size, args.img_size)),
     )
     try:
         check_run(protocol, dataset, args.workers)
     except ValueError as error:
         parser.error(str(error))
-    if accelerator.is_main_process and without_boxes:
+    if accelerator.is_main_process and without_boxes and args.metrics is None:
         print(f"{args.dataset} has no ground-truth boxes: {', '.join(without_boxes)} metrics are not computed")
     run_dir = run(protocol, dataset, args.out, accelerator, args.workers)
     if accelerator.is_main_process:

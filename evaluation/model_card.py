@@ -12,10 +12,16 @@ file's dataset and protocol key) must follow the Hub's repository-name rules and
 are refused unless measured on the card's model: its architecture and class count, and its weights where the card's
 ``config.json`` records their SHA-256 (``weights_sha256``, as zoo-publish writes it); every number must be finite.
 ``README.md`` is generated from those files alone, so regenerating gives the same card: its YAML front matter
-(``library_name: timm``, license, tags, datasets, ``base_model``, and a ``model-index`` entry for every measured
-number, timings excepted) and a body with the thesis-layout tables, the protocol, usage, the example maps,
-limitations and citations. Front-matter keys the generator does not write (added by hand or on the Hub) and
-extra tags are kept when a card is regenerated. A checkpoint without results gets a card that says so.
+(``library_name: timm``, license, tags, the training dataset, ``base_model``, and a ``model-index`` entry for every
+number measured on at least ``MIN_IMAGES`` images, timings excepted; fewer are marked so in the tables) and a body
+with the thesis-layout tables, the protocol, usage, the example maps, limitations and citations. What the weights
+are (licence, training data, starting weights) comes from the run's record in ``config.json`` (``training``, as
+zoo-train writes it), or a registered tag's registry entry, never from an architecture's default tag; a dataset is
+named as released only with its full class count, and the thesis' figures appear only beside results measured as
+the thesis did (``follows_thesis_protocol``) or, for a registered tag without results, for reference. Its folder
+is ``model_cards/`` in the working directory unless ``--root`` names another. Front-matter keys the generator does
+not write (added by hand or on the Hub) and extra tags are kept when a card is regenerated. A checkpoint without
+results gets a card that says so.
 """
 
 import argparse
@@ -40,10 +46,12 @@ from zoo.models.cost import parameter_count
 
 from . import metrics as _declared  # noqa: F401  (registers the interpretability metrics the tables show)
 
-__all__ = ["BIBTEX", "CARDS_DIR", "CARD_MARKER", "add_results", "check_replaceable", "create_card_folder", "inside",
-           "main", "regenerate", "safe_name", "thesis_rows", "write_card"]
+__all__ = ["BIBTEX", "CARDS_DIR", "CARD_MARKER", "MIN_IMAGES", "add_results", "check_replaceable", "create_card_folder",
+           "follows_thesis_protocol", "inside", "main", "regenerate", "release", "safe_name", "thesis_rows",
+           "write_card"]
 
-CARDS_DIR = Path("model_cards")  # the repository's cards, from its root (an installed package has none)
+CARDS_DIR = Path("model_cards")  # zoo-card's default: in the working directory (the repository's root), never the
+# installed package's folder
 CARD_MARKER = ".zoo-card"  # in every folder zoo-card or zoo-publish created: the only non-empty folders they replace
 MARKER_TEXT = "Created by interpretable-zoo's zoo-card or zoo-publish, which may replace this whole folder.\n"
 NAME_RULES = ("the Hub's repository-name rules: letters, digits, '-', '_' and '.', not starting or ending with '-' "
@@ -74,21 +82,44 @@ BIBTEX = r"""@phdthesis{torres2024thesis,
   year      = {2024}
 }"""
 
-# harness dataset -> (Hub dataset id, display name); a registered tag's dataset, by the tag's first part
+MIN_IMAGES = 1000  # fewer evaluated images: the figure is marked so in the card and left out of its model-index
+
+
+@dataclass(frozen=True)
+class Release:
+    """A dataset as released: data a reader of its layout gives with another class count is not it."""
+
+    hub_id: str
+    name: str
+    classes: int
+    split: str  # the harness' evaluation split
+    images: int  # in that split
+
+
+# harness dataset -> the dataset as released; a registered tag's dataset, by the tag's first part
 DATASETS = {
-    "imagenet-folder": ("imagenet-1k", "ImageNet-1k"),
-    "cub": ("cub-200-2011", "CUB-200-2011"),
-    "voc": ("pascal-voc-2012", "Pascal VOC 2012"),
-    "cifar100": ("cifar100", "CIFAR-100"),
-    "fashion-mnist": ("fashion_mnist", "Fashion-MNIST"),
-    "fashion-mnist-idx": ("fashion_mnist", "Fashion-MNIST"),
+    "imagenet-folder": Release("imagenet-1k", "ImageNet-1k", 1000, "val", 50_000),
+    "cub": Release("cub-200-2011", "CUB-200-2011", 200, "test", 5_794),
+    "voc": Release("pascal-voc-2012", "Pascal VOC 2012", 20, "val", 5_823),
+    "cifar100": Release("cifar100", "CIFAR-100", 100, "test", 10_000),
+    "fashion-mnist": Release("fashion_mnist", "Fashion-MNIST", 10, "test", 10_000),
+    "fashion-mnist-idx": Release("fashion_mnist", "Fashion-MNIST", 10, "test", 10_000),
 }
 TAG_DATASETS = {"in1k": "imagenet-folder", "c100": "cifar100"}
 
 
-def dataset_names(dataset: str) -> tuple[str, str]:
-    """(Hub dataset id, display name) of a harness dataset."""
-    return DATASETS.get(dataset, (dataset, dataset))
+def release(dataset: str, classes: int) -> Release | None:
+    """The released dataset that harness dataset ``dataset`` with ``classes`` classes is, if any: a 3-class folder
+    in ImageNet's layout is not ImageNet-1k."""
+    known = DATASETS.get(dataset)
+    return known if known is not None and known.classes == classes else None
+
+
+def dataset_names(dataset: str, classes: int) -> tuple[str, str]:
+    """(Hub dataset id, display name) of harness dataset ``dataset`` with ``classes`` classes; data that is no
+    released dataset keeps the harness' name."""
+    known = release(dataset, classes)
+    return (known.hub_id, known.name) if known else (dataset, f"`{dataset}` data, {classes} classes")
 
 
 UNREPORTED = ("seconds_per_image",)  # depends on the machine, not on the checkpoint: kept in the results file only
@@ -170,8 +201,15 @@ class Stored:
     results: dict
 
     @property
+    def reported(self) -> bool:
+        """Whether it was measured on enough images (``MIN_IMAGES``) to be reported as a figure (model-index)."""
+        return self.results["images"] >= MIN_IMAGES
+
+    @property
     def label(self) -> str:
-        return f"ours (measured, `{self.path}`, {self.results['date']})"
+        few = "," if self.reported else (f" on {self.results['images']} images, below the minimum {MIN_IMAGES} for "
+                                         "a reported figure;")
+        return f"ours (measured{few} `{self.path}`, {self.results['date']})"
 
     @property
     def figure(self) -> str:
@@ -188,6 +226,7 @@ class ModelInfo:
     pretrained_cfg: dict
     registered: bool
     weights_sha256: str | None = None  # as the checkpoint's config.json records it
+    training: dict | None = None  # what the run did, as zoo-train records it in config.json
 
     @classmethod
     def of(cls, folder: Path, name: str) -> "ModelInfo":
@@ -195,7 +234,7 @@ class ModelInfo:
             config = read_config(folder)
             return cls(config["architecture"], config["num_classes"], config.get("model_args", {}),
                        config.get("pretrained_cfg", {}), name in zoo.list_models(pretrained=True),
-                       config.get("weights_sha256"))
+                       config.get("weights_sha256"), config.get("training"))
         if name not in zoo.list_models(pretrained=True):
             raise ValueError(f"{name} is not a registered tag and {folder} holds no {CONFIG_FILE} to describe it")
         cfg = timm.models.get_pretrained_cfg(name).to_dict()
@@ -204,6 +243,38 @@ class ModelInfo:
     def meta_model(self) -> torch.nn.Module:
         with torch.device("meta"):
             return timm.create_model(self.architecture, **{"num_classes": self.num_classes, **self.model_args})
+
+    def training_data(self, name: str) -> Release | None:
+        """The released dataset the weights were trained on: as the run recorded it, else as a registered tag
+        declares it; None for other data or where nothing says."""
+        if self.training is not None:
+            return release(self.training["dataset"], self.training["classes"])
+        declared = _tag_dataset(name) if self.registered else None
+        return None if declared is None else DATASETS[declared]
+
+    def license(self) -> str | None:
+        """The weights' licence as the run recorded it, else as a registered tag declares it."""
+        if self.training is not None:
+            return self.training["license"]
+        return self.pretrained_cfg.get("license") if self.registered else None
+
+
+def _backbone(model: torch.nn.Module) -> str:
+    """The timm architecture a zoo model is built on (a CA-Stream's backbone), or the model's own."""
+    return (model.backbone if isinstance(model, zoo.CAStream) else model).pretrained_cfg["architecture"]
+
+
+def follows_thesis_protocol(item: "Stored", info: ModelInfo) -> bool:
+    """Whether a results file measured what the thesis' tables report: the released dataset (its class count), its
+    whole evaluation split, at the checkpoint's own input size, on the architecture's own backbone."""
+    protocol = item.results["protocol"]
+    known = release(protocol["dataset"], protocol["num_classes"])
+    with torch.device("meta"):
+        as_registered = timm.create_model(info.architecture, num_classes=info.num_classes)
+    return (known is not None and protocol["split"] == known.split and not protocol.get("limit")
+            and item.results["images"] == known.images
+            and protocol["data_config"]["input_size"][-1] == info.pretrained_cfg.get("input_size", [0])[-1]
+            and _backbone(info.meta_model()) == _backbone(as_registered))
 
 
 def _family(model: torch.nn.Module) -> type:
@@ -316,9 +387,9 @@ def _index_names(key: str) -> tuple[str, str]:
 def eval_results(stored: list[Stored]) -> list[EvalResult]:
     """One model-index entry per number of every results file (timings excepted)."""
     entries = []
-    for item in stored:
+    for item in filter(lambda item: item.reported, stored):
         protocol = item.results["protocol"]
-        dataset_id, dataset_name = dataset_names(protocol["dataset"])
+        dataset_id, dataset_name = dataset_names(protocol["dataset"], protocol["num_classes"])
         common = dict(task_type="image-classification", dataset_type=dataset_id, dataset_name=dataset_name,
                       dataset_split=protocol["split"], metric_args={"results": item.path})
         for key, value in item.results["recognition"].items():
@@ -341,13 +412,21 @@ def _cells(values: dict, columns: list[Metric]) -> list[str]:
     return [f"{values[metric.key]:.2f}" if metric.key in values else "-" for metric in columns]
 
 
-def _dataset_section(name: str, dataset: str, stored: list[Stored]) -> list[str]:
+def _thesis_beside(name: str, info: ModelInfo, dataset: str, stored: list[Stored]) -> tuple[str, list]:
+    """``thesis_rows`` to show beside ``stored``, results on ``dataset``: none unless one follows the thesis'
+    protocol (or there are none, for reference)."""
+    if stored and not any(follows_thesis_protocol(item, info) for item in stored):
+        return "", []
+    return thesis_rows(name, dataset)
+
+
+def _dataset_section(name: str, info: ModelInfo, dataset: str, stored: list[Stored]) -> list[str]:
     """Recognition and interpretability tables on one dataset, laid out as the registry declares them: the thesis'
-    rows, then ours."""
-    cited, thesis = thesis_rows(name, dataset)
+    rows (where none of ours is measured, or one follows its protocol), then ours."""
+    cited, thesis = _thesis_beside(name, info, dataset, stored)
     sources = [(f"thesis (paper's figure): {label}", row.get("methods", {}), row) for label, row in thesis]
     sources += [(item.label, item.results["methods"], item.results["recognition"]) for item in stored]
-    lines = [f"### {dataset_names(dataset)[1]}", ""]
+    lines = [f"### {dataset_names(dataset, info.num_classes)[1]}", ""]
     if thesis:
         lines += [f"Rows marked *thesis* are the paper's own figures ({cited} of the thesis), not measured on these "
                   "weights" + ("; rows marked *ours* come from the results file they name." if stored else "."), ""]
@@ -369,16 +448,19 @@ def _dataset_section(name: str, dataset: str, stored: list[Stored]) -> list[str]
     return lines
 
 
-def _protocol(item: Stored) -> str:
+def _protocol(item: Stored, info: ModelInfo) -> str:
     results, protocol = item.results, item.results["protocol"]
     config = protocol["data_config"]
-    limit = f", the first {protocol['limit']} only" if protocol.get("limit") else ""
+    limit = ", a fixed random sample of the split" if protocol.get("limit") else ""
     options = f"; options {json.dumps(protocol['method_options'])}" if protocol.get("method_options") else ""
     versions = ", ".join(f"{package} {version}" for package, version in results.get("versions", {}).items())
-    dataset = dataset_names(protocol["dataset"])[1]
-    return (f"- `{item.path}` (protocol `{results['key']}`, {results['date']}): {dataset} "
+    dataset = dataset_names(protocol["dataset"], protocol["num_classes"])[1]
+    own = info.pretrained_cfg.get("input_size", config["input_size"])[-1]
+    size = f"{config['input_size'][-1]} px" + ("" if own == config["input_size"][-1] else
+                                               f", not the checkpoint's {own} px")
+    return (f"- `{item.path}` (protocol `{results['key']}`, {results['date']}): {dataset}, "
             f"`{protocol['split']}` split, {results['images']} images{limit}, {results['explanations']} explanations "
-            f"of the {protocol['targets']} class; {config['input_size'][-1]} px ({config['interpolation']}, crop "
+            f"of the {protocol['targets']} class; {size} ({config['interpolation']}, crop "
             f"{config['crop_pct']}); methods {', '.join(protocol['methods'])}{options}; insertion/deletion preset "
             f"`{protocol['curves']}`; weights `{protocol['weights']}`; {versions}.")
 
@@ -405,7 +487,9 @@ def card_body(name: str, info: ModelInfo, model: torch.nn.Module, stored: list[S
              f"std {tuple(cfg.get('std', ()))}"]
     if base_model:
         lines.append(f"- **Starts from:** [{base_model}](https://huggingface.co/{base_model})")
-    if info.registered and cfg.get("notes"):
+    if info.training is not None:
+        lines.append(f"- **Training:** {_training(info.training)}")
+    elif info.registered and cfg.get("notes"):
         lines.append(f"- **Training:** {'; '.join(cfg['notes'])}")
     lines += ["- **Weights:** `model.safetensors` only (no pickled weights); `config.json` in timm's format records "
               "its SHA-256", "", "## Usage", "", "```python", "import timm", "",
@@ -415,37 +499,55 @@ def card_body(name: str, info: ModelInfo, model: torch.nn.Module, stored: list[S
               forward, "```", "",
               f"{explained}: `zoo.evaluation.saliency.explain(model, images, \"gradcam\")`.",
               "", "## Results", ""]
-    datasets = list(dict.fromkeys(item.results["protocol"]["dataset"] for item in stored))
+    by_dataset = {dataset: [item for item in stored if item.results["protocol"]["dataset"] == dataset]
+                  for dataset in dict.fromkeys(item.results["protocol"]["dataset"] for item in stored)}
+    declared = _tag_dataset(name) if not stored and info.training is None and info.registered else None
+    cites_thesis = bool(any(_thesis_beside(name, info, dataset, items)[1] for dataset, items in by_dataset.items())
+                        or (declared and thesis_rows(name, declared)[1]))
     if not stored:
         lines += ["**No results yet**: no evaluation of these weights has been run with the zoo's harness "
                   "(`zoo-eval`), so this card reports no measured number.", ""]
-        declared = _tag_dataset(name)
-        if declared and thesis_rows(name, declared)[1]:
+        if cites_thesis:
             lines += ["For reference, what the thesis reports for this kind of model:", "",
-                      *_dataset_section(name, declared, [])]
-    for dataset in datasets:
-        lines += _dataset_section(name, dataset, [item for item in stored if item.results["protocol"]["dataset"]
-                                                  == dataset])
+                      *_dataset_section(name, info, declared, [])]
+    for dataset, items in by_dataset.items():
+        lines += _dataset_section(name, info, dataset, items)
     if stored:
         lines += ["### Protocol", "", "Measured with `zoo-eval` (see evaluation/README.md for every metric's "
-                  "definition); timings are in the results files.", "", *map(_protocol, stored), "",
+                  "definition); timings are in the results files.", "",
+                  *(_protocol(item, info) for item in stored), "",
                   "### Example saliency maps", ""]
         lines += [f"![{item.results['protocol']['dataset']}: {', '.join(item.results['protocol']['methods'])}]"
                   f"({item.figure})" for item in stored] + [""]
-    lines += ["## Limitations", "",
-              "- The thesis' figures come from the authors' own runs (full validation sets, their code); compare "
-              "measured numbers with them only where the protocol matches theirs (dataset, split, image count, "
-              "insertion/deletion preset).",
-              "- AD, AG, AI, insertion and deletion measure how the model's confidence reacts when the image is "
+    lines += ["## Limitations", ""]
+    if cites_thesis:
+        lines.append("- The thesis' figures come from the authors' own runs (full validation sets, their code); "
+                     "compare measured numbers with them only where the protocol matches theirs (dataset, split, "
+                     "image count, insertion/deletion preset).")
+    lines += ["- AD, AG, AI, insertion and deletion measure how the model's confidence reacts when the image is "
               "masked by the map: faithfulness to the model, not correctness of the explanation. A near-constant "
               "map (Fake-CAM) already scores well on AD and AI, and deletion feeds out-of-distribution images.",
               "- Trained on one dataset's label set and images, with their biases; not assessed for robustness or "
               "fairness, and not meant for decisions about people.", ""]
+    if not all(item.reported for item in stored):
+        lines.insert(-1, f"- Results measured on fewer than {MIN_IMAGES} images are marked so in the tables and "
+                         "left out of the metadata's model-index: too few images for a figure to report.")
     if family is zoo.CAStream:
         lines.insert(-1, "- The built-in attention is class-agnostic: every class of an image gets the same map, "
                          "which says less on multi-label images.")
     lines += ["## Citation", "", "```bibtex", BIBTEX, "```", ""]
     return "\n".join(lines)
+
+
+def _training(record: dict) -> str:
+    """What a zoo-train run did, in words, from its record."""
+    start = ("a random initialisation" if record["weights"] is None else
+             f"[{record['base_model']}](https://huggingface.co/{record['base_model']})" if record["base_model"] else
+             f"`{record['weights']}` (SHA-256 `{record['weights_sha256']}`)")
+    trained = "the backbone frozen as it started, the rest trained" if record["freeze_backbone"] else "all trained"
+    return (f"`zoo-train` recipe `{record['recipe']}`, {record['epochs']} epoch(s) ({record['steps']} steps) on "
+            f"{record['train_images']} training images ({dataset_names(record['dataset'], record['classes'])[1]}) "
+            f"at {record['image_size']} px, from {start}; {trained}; licence {record['license']}")
 
 
 def _merged(data: ModelCardData, existing: ModelCard | None) -> ModelCardData:
@@ -471,14 +573,15 @@ def write_card(folder: Path, name: str, repo_id: str | None = None, base_model: 
     info = ModelInfo.of(folder, name)
     model = info.meta_model()
     stored = read_results(folder, info)
-    base_model = base_model or declared_base_model(name)
-    datasets = [item.results["protocol"]["dataset"] for item in stored] or [_tag_dataset(name)]
+    if base_model is None:
+        base_model = info.training["base_model"] if info.training is not None else declared_base_model(name)
+    trained_on = info.training_data(name)
     entries = eval_results(stored)
     data = ModelCardData(
-        library_name="timm", license=info.pretrained_cfg.get("license", "apache-2.0"),
+        library_name="timm", license=info.license() or (existing and existing.data.license) or "unknown",
         tags=["image-classification", "timm", "interpretability", "saliency", FAMILIES[_family(model)][0],
               "interpretable-zoo"],
-        datasets=list(dict.fromkeys(dataset_names(d)[0] for d in datasets if d)) or None, base_model=base_model,
+        datasets=None if trained_on is None else [trained_on.hub_id], base_model=base_model,
         pipeline_tag="image-classification", model_name=name if entries else None, eval_results=entries or None,
     )
     body = card_body(name, info, model, stored, repo_id or hub_id(name), base_model)
@@ -487,7 +590,7 @@ def write_card(folder: Path, name: str, repo_id: str | None = None, base_model: 
     return card
 
 
-def regenerate(root: Path = CARDS_DIR) -> list[Path]:
+def regenerate(root: Path) -> list[Path]:
     """Rewrite every card under ``root``: one per registered tag (``no results yet`` where there are none) and
     one per other folder there. Returns the card folders."""
     names = set(zoo.list_models(pretrained=True)) | {p.name for p in root.glob("*") if p.is_dir()}
@@ -503,10 +606,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("name", nargs="?", help="the checkpoint, <arch>.<tag> (e.g. resnet50_castream.in1k)")
     parser.add_argument("--results", nargs="+", type=Path, default=[], help="zoo-eval results.json files to add")
     parser.add_argument("--all", action="store_true", help="regenerate every card")
-    parser.add_argument("--root", type=Path, default=CARDS_DIR, help="the cards' folder (default: %(default)s)")
+    parser.add_argument("--root", type=Path, help=f"the cards' folder, created if need be (default: {CARDS_DIR}/ in "
+                                                  "the working directory, which must exist)")
     args = parser.parse_args(argv)
     if args.all == (args.name is not None):
         parser.error("give a checkpoint name or --all")
+    if args.root is None and not CARDS_DIR.is_dir():
+        parser.error(f"no {CARDS_DIR}/ in the working directory {Path.cwd()}: run from the repository's root or "
+                     "give --root")
+    args.root = args.root or CARDS_DIR
     if args.all:
         if args.results:
             parser.error("--results goes with a checkpoint name")

@@ -7,7 +7,10 @@ From a checkpoint folder (a training run's ``model/``, or any folder with ``mode
 ``config.json``, checked by ``zoo.hub.verify_checkpoint``) and ``zoo-eval`` results files, it builds the Hub
 folder: ``model.safetensors``, ``config.json`` (timm's format: ``architecture``, ``num_classes``,
 ``label_names``, ``pretrained_cfg`` pinned to the safetensors file, ``model_args``, and the weights' SHA-256),
-the card ``README.md`` and its ``results/`` (numbers and example maps). Then it creates the repository if
+the card ``README.md`` and its ``results/`` (numbers and example maps). Both describe the run that produced the
+weights, as zoo-train records it in ``config.json`` (``training``), not the architecture's default tag:
+``pretrained_cfg.tag`` is the published name's, and a checkpoint without that record claims no licence or
+training notes. Then it creates the repository if
 needed and uploads the folder in one commit, which also removes earlier results files and any pickled
 weights from the repository. The token is huggingface_hub's own (``HF_TOKEN`` or ``hf auth login``); this
 command never reads, prints or writes it. ``--dry-run`` builds the folder only.
@@ -41,16 +44,21 @@ from .model_card import CARD_MARKER, add_results, check_replaceable, create_card
 __all__ = ["build_hub_folder", "main"]
 
 
-def hub_config(config: dict, weights: Path) -> dict:
-    """The checkpoint's timm config, pinned to ``model.safetensors`` and recording its SHA-256."""
+def hub_config(config: dict, weights: Path, name: str) -> dict:
+    """The checkpoint's timm config, pinned to ``model.safetensors``, recording its SHA-256 and tagged as ``name``
+    (``<arch>.<tag>``) says; without the record of a zoo-train run (``training``) its ``pretrained_cfg`` claims no
+    licence and no training notes, which timm copied from the architecture's default tag."""
     if "pretrained_cfg" not in config:
         raise CheckpointError(f"{CONFIG_FILE} is not in timm's current format (no pretrained_cfg): save the model "
                               "with timm.models.save_for_hf")
     if not config.get("label_names"):
         raise CheckpointError(f"{CONFIG_FILE} has no label_names (a training run's model/ has them; otherwise save "
                               "with save_for_hf(model, folder, model_config=dict(label_names=[...])))")
+    unclaimed = ("tag",) if config.get("training") else ("tag", "license", "notes")
+    pretrained_cfg = {key: value for key, value in config["pretrained_cfg"].items() if key not in unclaimed}
+    tag = name.partition(".")[2]
     return {**config, "model_args": config.get("model_args", {}),
-            "pretrained_cfg": {**config["pretrained_cfg"], "hf_hub_filename": WEIGHTS_FILE},
+            "pretrained_cfg": {**pretrained_cfg, **({"tag": tag} if tag else {}), "hf_hub_filename": WEIGHTS_FILE},
             "weights_sha256": sha256(weights)}
 
 
@@ -60,7 +68,7 @@ def build_hub_folder(model_dir: Path, out: Path, name: str, results: list[Path],
     config = verify_checkpoint(model_dir)
     create_card_folder(out, exist_ok=False)
     shutil.copyfile(model_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(hub_config(config, out / WEIGHTS_FILE), indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(hub_config(config, out / WEIGHTS_FILE, name), indent=2) + "\n")
     add_results(out, results, name)
     card = write_card(out, name, repo_id=repo_id, base_model=base_model, existing=existing)
     verify_checkpoint(out)

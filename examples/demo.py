@@ -38,15 +38,15 @@ import torch
 from accelerate import Accelerator
 
 import zoo  # noqa: F401  (registers the zoo's models with timm)
-from zoo.data import box_share, build_dataset, find_fashion_mnist, first_images
+from zoo.data import box_share, build_dataset, dataset_images, find_fashion_mnist
 from zoo.evaluation import publish
 from zoo.evaluation.figures import grid, overlay, pixels, save, show
-from zoo.evaluation.harness import Protocol, result_tables, run
+from zoo.evaluation.harness import Protocol, evaluated_indices, result_tables, run
 from zoo.evaluation.saliency import explain
 from zoo.hub import hub_id, read_config
 from zoo.metrics import METRICS
 from zoo.training.config import Recipe
-from zoo.training.run_folder import is_finished
+from zoo.training.run_folder import finished_model
 from zoo.training.train import train
 
 
@@ -84,11 +84,11 @@ CHARTED = ("AD", "AG", "I", "D")  # the metrics of metrics.png
 
 
 def train_stage(out: Path, name: str, **settings) -> Path:
-    """Train one recipe into ``out/runs/<name>`` (a finished run there is reused); its model folder."""
+    """Train one recipe into ``out/runs/<name>`` (a finished run of it there is reused); its model folder."""
     recipe = Recipe(name=name, output_dir=str(out / "runs" / name), workers=0, **settings)
-    if is_finished(recipe.output_dir):
+    if (model := finished_model(recipe)) is not None:
         print(f"{name}: reusing the finished run in {recipe.output_dir}")
-        return Path(recipe.output_dir) / "model"
+        return model
     print(f"\n== training {name}")
     return train(recipe)
 
@@ -108,16 +108,14 @@ def canvas_settings(scale: Scale, root: str, canvas: dict) -> dict:
 
 def evaluate_stage(out: Path, model_dir: Path, dataset: str, root: str, options: dict, scale: Scale,
                    methods: list[str], metrics: list[str]) -> Path:
-    """Evaluate a trained model with the harness on the test split; the results.json path."""
+    """Evaluate a trained model with the harness on the test split (its model arguments and preprocessing those
+    its config.json records, as the harness reads a ``local-dir:`` checkpoint); the results.json path."""
     config = read_config(model_dir)
     protocol = Protocol(
-        model=config["architecture"], weights=str(model_dir.resolve()), num_classes=config["num_classes"],
+        model=config["architecture"], weights=f"local-dir:{model_dir.resolve()}", num_classes=config["num_classes"],
         dataset=dataset, data_root=root, split="test", limit=scale.eval_images, methods=methods,
         method_options={"opticam": {"iterations": scale.opticam_iterations}}, metrics=metrics,
         batch_size=scale.batch_size, dataset_options=options,
-        model_args={k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"},
-        data_config={k: config["pretrained_cfg"][k] for k in ("input_size", "interpolation", "crop_pct", "mean",
-                                                               "std")},
     )
     print(f"\n== evaluating {model_dir.parent.name} on {dataset}: {', '.join(methods)}")
     dataset_object = build_dataset(dataset, root, "test", **options)
@@ -133,7 +131,7 @@ def publish_and_reload(out: Path, model_dir: Path, results: Path, dataset: str, 
         publish.main([str(model_dir), hub_id(name), "--results", str(results), "--out", str(hub_dir), "--dry-run"])
     reloaded, saved = (timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
                        for folder in (hub_dir, model_dir))
-    images, _ = first_images(dataset, root, config["pretrained_cfg"], SHOWN, **options)
+    images, _ = dataset_images(dataset, root, config["pretrained_cfg"], range(SHOWN), **options)
     with torch.no_grad():
         identical = all(torch.equal(a, b) for a, b in zip(reloaded(images), saved(images), strict=True))
     if not identical:
@@ -145,7 +143,7 @@ def saliency_grid(columns: dict[str, tuple[Path, str]], dataset: str, root: str,
                   title: str) -> None:
     """One row per test image: the image (with its box), then each column's map (model folder, method)."""
     data_config = read_config(next(iter(columns.values()))[0])["pretrained_cfg"]
-    images, targets = first_images(dataset, root, data_config, SHOWN, **options)
+    images, targets = dataset_images(dataset, root, data_config, range(SHOWN), **options)
     maps = {}
     for heading, (model_dir, method) in columns.items():
         model = timm.create_model(f"local-dir:{model_dir}", pretrained=True).eval()
@@ -214,7 +212,8 @@ def markdown(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/demo"))
-    parser.add_argument("--quick", action="store_true", help="a much smaller run of the same pipeline (~1 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a much smaller run of the same pipeline (~20 s on an idle 2-core CPU)")
     parser.add_argument("--data", type=Path, help="a folder of Fashion-MNIST idx files (default: the Debian package's)")
     args = parser.parse_args(argv)
     scale_name = "quick" if args.quick else "full"
@@ -265,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                   plain, root, {}, out / "saliency_baseline_vs_denoised.png",
                   "resnet18_cifar without and with gradient denoising (Fashion-MNIST test images)")
     metrics_chart(models, out / "metrics.png")
-    chance = 100 * box_share(build_dataset("fashion-canvas", root, "test", **canvas), scale.eval_images)
+    canvases = build_dataset("fashion-canvas", root, "test", **canvas)
+    chance = 100 * box_share(canvases, evaluated_indices(canvases, scale.eval_images))  # on the images evaluated
     summary = {"scale": scale_name, "settings": scale.__dict__, "machine": _machine(),
                "minutes": (time.perf_counter() - start) / 60,
                "attention_localises": localisation_bar(models["castream"]["methods"]["attention"]["SP"], chance,

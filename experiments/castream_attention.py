@@ -9,7 +9,7 @@ the demo's run ``castream``, beside the run of the GAP model ``--gap`` (``runs/g
 the run's name and folder become ``--out/runs/lr<lr>`` (a finished run is reused), the GAP model's path is
 ``--gap`` as given here and, with ``--data``, the Fashion-MNIST files are read from there. So the streams see the
 demo's data, scale (``--quick`` or not), seed and every other setting. Then, on ``--images`` test canvases of
-that recipe:
+that recipe (those a ``zoo-eval --limit`` run of as many images evaluates, as the demo's evaluation does):
 
 - every stage's attention: standard pointing game (eq. 1.21, the map upsampled to the canvas), normalised
   entropy (1 = uniform) and mean maximum, beside the validation top-1 of the run's last epoch;
@@ -30,8 +30,9 @@ import timm
 import torch
 
 import zoo  # noqa: F401  (registers the zoo's models with timm)
-from zoo.data import box_share, build_dataset, find_fashion_mnist, first_images
+from zoo.data import box_share, build_dataset, dataset_images, find_fashion_mnist
 from zoo.evaluation.figures import grid, save
+from zoo.evaluation.harness import evaluated_indices
 from zoo.evaluation.metrics import pointing_game
 from zoo.evaluation.saliency import normalise_per_image
 from zoo.hub import read_config
@@ -57,9 +58,10 @@ def trained(recipe: Recipe) -> Path:
     return finished_model(recipe) or train(recipe)
 
 
-def scored_canvases(model_dir: Path, root: str, options: dict, count: int):
-    """The first ``count`` test canvases preprocessed for the model, their boxes [count, 4] and labels."""
-    images, targets = first_images("fashion-canvas", root, read_config(model_dir)["pretrained_cfg"], count, **options)
+def scored_canvases(model_dir: Path, root: str, options: dict, indices: list[int]):
+    """The test canvases ``indices`` preprocessed for the model, their boxes [count, 4] and labels."""
+    images, targets = dataset_images("fashion-canvas", root, read_config(model_dir)["pretrained_cfg"], indices,
+                                     **options)
     return images, torch.stack([t["boxes"][0] for t in targets]), torch.tensor([t["label"] for t in targets])
 
 
@@ -138,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.data is not None:
         files = find_fashion_mnist(args.data)
         demo = replace(demo, data_root=files.root, dataset_options={**demo.dataset_options, "source": files.source})
-    images, boxes, labels = scored_canvases(args.gap, demo.data_root, demo.dataset_options, args.images)
+    canvases = build_dataset("fashion-canvas", demo.data_root, "test", **demo.dataset_options)
+    scored = evaluated_indices(canvases, args.images)
+    images, boxes, labels = scored_canvases(args.gap, demo.data_root, demo.dataset_options, scored)
     runs = []
     for lr in args.lrs:
         name = f"lr{lr:g}"
@@ -146,9 +150,8 @@ def main(argv: list[str] | None = None) -> None:
                                     weights=str(args.gap)))
         runs.append({"lr": lr, "val_top1": last_validation(model_dir),
                      "stages": attention_by_stage(model_dir, images, boxes)})
-    canvases = build_dataset("fashion-canvas", demo.data_root, "test", **demo.dataset_options)
     results = {"gap": str(args.gap), "images": args.images, "runs": runs,
-               "chance": 100 * box_share(canvases, args.images),
+               "chance": 100 * box_share(canvases, scored),
                "probe": classifier_probe(args.gap, images, boxes, labels)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(markdown(results))

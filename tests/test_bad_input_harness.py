@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 from accelerate import Accelerator
-from data_layouts import CubImage, make_cub
+from data_layouts import CubImage, make_cub, make_image_folder
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from test_harness import CUB_TEST, FAST, run, scores
@@ -89,7 +89,9 @@ def test_weights_are_hashed_in_the_file_they_resolve_to(tmp_path):
     for repo in ("someone/resnet18_castream.cub", model.pretrained_cfg["hf_hub_id"]):  # offline, from the cache
         add_to_hf_cache(folder, repo)
     expected = sha256(folder / "model.safetensors")
-    for weights in (str(folder), str(folder / "model.safetensors"), "someone/resnet18_castream.cub", "default"):
+    for weights in (str(folder), f"local-dir:{folder}", str(folder / "model.safetensors"),
+                    "someone/resnet18_castream.cub", "hf-hub:someone/resnet18_castream.cub", "default",
+                    "resnet18_castream.in1k"):
         assert sha256(weights_file("resnet18_castream", weights)) == expected
     with pytest.raises(FileNotFoundError, match="weights file .*missing.safetensors not found"):
         weights_file("resnet18_castream", str(tmp_path / "missing.safetensors"))
@@ -268,6 +270,17 @@ def test_an_unknown_way_to_read_probabilities_is_refused_before_anything_is_writ
     with pytest.raises(ValueError, match="probabilities must be one of softmax, sigmoid, got 'logit'"):
         run_protocol(cub_protocol(tmp_path / "data", probabilities="logit"), dataset, tmp_path / "out",
                      Accelerator(cpu=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_localisation_on_a_dataset_without_boxes_is_refused_before_anything_is_written(tmp_path):
+    make_image_folder(tmp_path / "data")
+    dataset = build_dataset("imagenet-folder", tmp_path / "data", "val")
+    protocol = cub_protocol(tmp_path / "data", dataset="imagenet-folder", split="val", num_classes=2,
+                            metrics=["faithfulness", "localisation"])
+    with pytest.raises(ValueError, match=r"^imagenet-folder \(val split at .*\) has no ground-truth boxes, which "
+                                         "the localisation metrics need"):
+        run_protocol(protocol, dataset, tmp_path / "out", Accelerator(cpu=True))
     assert not (tmp_path / "out").exists()
 
 

@@ -24,8 +24,8 @@ from zoo.data import (
     build_dataset,
     classification,
     collate,
+    dataset_images,
     find_fashion_mnist,
-    first_images,
     sanitize_boxes,
 )
 from zoo.data.transforms import eval_transform
@@ -206,18 +206,18 @@ def test_find_fashion_mnist_in_a_folder_the_debian_package_or_torchvision(tmp_pa
     assert len(build_dataset(files.dataset, files.root, "test")) == 4 and len(downloaded) == 6 and len(installs) == 1
 
 
-def test_first_images_are_preprocessed_for_the_data_config(tmp_path):
+def test_dataset_images_are_preprocessed_for_the_data_config(tmp_path):
     make_cub(tmp_path)
     config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "mean": (0.5, 0.4, 0.3),
               "std": (0.2, 0.3, 0.4)}
-    images, targets = first_images("cub", tmp_path, config, 2, split="train")
+    images, targets = dataset_images("cub", tmp_path, config, [0, 2], split="train")
     data = CUB200(tmp_path, "train", eval_transform(config))
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
-    for index in range(2):
+    for position, index in enumerate([0, 2]):
         image, target = data[index]
-        assert torch.equal(images[index], image) and torch.equal(targets[index]["boxes"], target["boxes"])
-    with pytest.raises(ValueError, match="count must be between 1 and the 3 samples of CUB200 train, got 4"):
-        first_images("cub", tmp_path, config, 4, split="train")
+        assert torch.equal(images[position], image) and torch.equal(targets[position]["boxes"], target["boxes"])
+    with pytest.raises(ValueError, match=r"indices must be 1 or more of the 3 samples of CUB200 train, got \[0, 3\]"):
+        dataset_images("cub", tmp_path, config, [0, 3], split="train")
 
 
 def test_box_share_is_the_mean_share_of_the_image_its_box_covers(tmp_path):
@@ -225,10 +225,11 @@ def test_box_share_is_the_mean_share_of_the_image_its_box_covers(tmp_path):
     data = CUB200(tmp_path, "train")  # images 1, 3, 4 of CUB_IMAGES, 96x64 each
     shares = [48 * 32 / (96 * 64), 30 * 40 / (96 * 64), 20 * 20 / (96 * 64)]  # CUB boxes: x, y, width, height
     assert box_share(data) == pytest.approx(sum(shares) / 3)
-    assert box_share(data, 2) == pytest.approx(sum(shares[:2]) / 2)
+    assert box_share(data, [0, 2]) == pytest.approx((shares[0] + shares[2]) / 2)
     assert box_share(CUB200(tmp_path, "test")) == 1  # a box over the whole image
-    with pytest.raises(ValueError, match="count must be between 1 and the 3 samples"):
-        box_share(data, 0)
+    for indices in ([], [0, 3]):
+        with pytest.raises(ValueError, match="indices must be 1 or more of the 3 samples of CUB200 train"):
+            box_share(data, indices)
     make_voc(tmp_path / "voc")
     with pytest.raises(ValueError, match="sample 1 has 3 boxes: a box share needs exactly one per image"):
         box_share(VOC2012(tmp_path / "voc", "train"))

@@ -6,8 +6,11 @@ import sys
 
 import pytest
 from data_layouts import CubImage, make_cub, make_image_folder, make_voc
+from safetensors.torch import load_file
 
-from zoo.evaluation.harness import compare_main, main
+from zoo.data import build_dataset
+from zoo.evaluation.harness import compare_main, comparison, main
+from zoo.training.train import subset
 
 CUB_TEST = tuple(CubImage(1 + i % 3, False, (8 + 4 * i, 8, 40, 30 + 2 * i)) for i in range(5))
 FAST = ["--img-size", "64", "--batch-size", "2", "--cpu"]
@@ -93,12 +96,53 @@ def test_method_options_reach_the_method_and_are_recorded(tmp_path):
             "--methods", "scorecam", "--option", "scorecam.amp_dtype=int8", "--metrics", "faithfulness", "--limit", "2")
 
 
-def test_a_dataset_without_boxes_skips_localisation(tmp_path, capsys):
+def test_localisation_asked_of_a_dataset_without_boxes_is_refused(tmp_path, capsys):
+    make_image_folder(tmp_path / "data")
+    with pytest.raises(SystemExit):
+        main(["resnet18", "--dataset", "imagenet-folder", "--data-root", str(tmp_path / "data"), "--methods",
+              "fakecam", "--metrics", "faithfulness", "localisation", "--out", str(tmp_path / "out"), *FAST])
+    error = capsys.readouterr().err
+    assert "imagenet-folder (val split at" in error
+    assert "has no ground-truth boxes, which the localisation metrics need: leave them out of --metrics" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_without_boxes_skips_localisation_by_default(tmp_path, capsys):
     make_image_folder(tmp_path / "data")
     _, results = run(tmp_path, "resnet18", "--dataset", "imagenet-folder", "--data-root", str(tmp_path / "data"),
-                     "--methods", "fakecam", "--metrics", "faithfulness", "localisation")
-    assert "LE" not in results["methods"]["fakecam"] and results["protocol"]["metrics"] == ["faithfulness"]
+                     "--methods", "fakecam", "--limit", "1")
+    assert "LE" not in results["methods"]["fakecam"] and "localisation" not in results["protocol"]["metrics"]
     assert "has no ground-truth boxes" in capsys.readouterr().out
+
+
+def test_limit_takes_the_sample_zoo_train_takes_across_a_class_sorted_split(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=4)  # val: 4 images of one class, then 4 of the other
+    run_dir, results = run(tmp_path, "resnet18", "--dataset", "imagenet-folder", "--data-root",
+                           str(tmp_path / "data"), "--methods", "fakecam", "--metrics", "faithfulness", "--limit", "4")
+    batches = [load_file(path) for path in sorted((run_dir / "batches").iterdir())]
+    images = [i for batch in batches for i in batch["image/index"].tolist()]
+    assert images == list(subset(build_dataset("imagenet-folder", tmp_path / "data", "val"), 4, seed=0).indices)
+    assert {label for batch in batches for label in batch["image/labels"].tolist()} == {0, 1}
+    assert results["images"] == 4
+
+
+def fake_result(model, sha, key, ad):
+    return {"protocol": {"model": model, "weights_sha256": sha}, "key": key,
+            "methods": {"gradcam": {"AD": ad, "seconds_per_image": 0.1}}}
+
+
+def test_runs_of_one_architecture_are_told_apart_in_the_table():
+    results = [fake_result("resnet18", "ab" * 32, "k1", 1.0), fake_result("resnet18", "cd" * 32, "k2", 2.0),
+               fake_result("resnet18", "cd" * 32, "k3", 3.0), fake_result("resnet18", None, "k4", 4.0),
+               fake_result("vit_small", "ef" * 32, "k5", 5.0)]
+    rows = [line for line in comparison(results).splitlines() if line.startswith("| gradcam")]
+    assert rows == ["| gradcam | resnet18 (weights abababab) | 1.00 |",
+                    "| gradcam | resnet18 (weights cdcdcdcd) (run k2) | 2.00 |",
+                    "| gradcam | resnet18 (weights cdcdcdcd) (run k3) | 3.00 |",
+                    "| gradcam | resnet18 (random init) | 4.00 |", "| gradcam | vit_small | 5.00 |"]
+    header = next(line for line in comparison(results[:2], by_model=True).splitlines() if line.startswith("| method"))
+    assert header == "| method | resnet18 (weights abababab) AD↓ | resnet18 (weights abababab) T | " \
+                     "resnet18 (weights cdcdcdcd) AD↓ | resnet18 (weights cdcdcdcd) T |"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -143,7 +143,7 @@ def test_upload_is_one_commit_and_never_holds_the_token(tmp_path, model_dir, mon
     assert all(token.encode() not in content for content in files.values())
     assert token not in "".join(capsys.readouterr())
     card = ModelCard(files["README.md"].decode())
-    assert card.data.language == "en" and card.data.license == "bsd-3-clause"  # kept / ours
+    assert card.data.language == "en" and card.data.license == "apache-2.0"  # kept: no run recorded another
 
 
 @pytest.fixture

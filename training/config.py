@@ -78,10 +78,14 @@ class Recipe:
     dataset: str  # a name of zoo.data.DATASETS
     data_root: str
     model_args: dict = field(default_factory=dict)  # passed to timm.create_model
-    # initial weights: .safetensors, a folder with model.safetensors, org/name, "default"; None or "none": random
+    # initial weights, any name zoo.hub.resolve_weights takes (local-dir:, hf-hub:, arch.tag, "default", a folder,
+    # org/name, a .safetensors file); None or "none": random
     weights: str | None = None
     new_classifier: bool = False  # the weights' classifier is replaced (fine-tuning on another label set)
     freeze_backbone: bool = False  # CA-Stream: train the stream only (thesis §3.3)
+    # of the weights the run exports; default: the one the starting weights' config.json records, apache-2.0 (the
+    # project's) from a random initialisation, "unknown" from weights that record none
+    license: str | None = None
     train_split: str = "train"
     val_split: str | None = None  # default: the dataset's other split
     dataset_options: dict = field(default_factory=dict)

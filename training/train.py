@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import zoo  # noqa: F401  (registers the zoo's models)
-from zoo.data import build_dataset, collate
+from zoo.data import build_dataset, collate, sample_indices
 from zoo.data.transforms import eval_transform, train_transform
-from zoo.hub import load_model
+from zoo.hub import CONFIG_FILE, load_model, resolve_weights, sha256
 from zoo.metrics import recognition
 
 from .allocator import keep_freed_memory
@@ -123,11 +123,11 @@ def build_loaders(recipe: Recipe, train_set, val_set, data_config: dict, per_pro
 
 
 def subset(dataset: Dataset, size: int, seed: int) -> Dataset:
-    """``size`` images of ``dataset`` drawn at random from ``seed`` (all of it when smaller), in dataset order."""
+    """``size`` images of ``dataset`` drawn at random from ``seed`` (all of it when smaller), in dataset order
+    (``zoo.data.sample_indices``, as zoo-eval's ``--limit`` draws them)."""
     if size >= len(dataset):
         return dataset
-    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
-    return Subset(dataset, chosen.sort().values.tolist())
+    return Subset(dataset, sample_indices(len(dataset), size, seed))
 
 
 @torch.no_grad()
@@ -265,15 +265,50 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     return metrics
 
 
+def starting_weights(recipe: Recipe) -> dict:
+    """What the run loaded before its first step: the recipe's ``weights`` (None: a random initialisation, "default"
+    named as the tag it resolves to), the SHA-256 of their safetensors file, their Hub repository (``base_model``)
+    and the licence their config records."""
+    if recipe.weights is None:
+        return dict(weights=None, weights_sha256=None, base_model=None, weights_license=None)
+    found = resolve_weights(recipe.model, recipe.weights)
+    cfg = found.pretrained_cfg
+    named = f"{cfg['architecture']}.{cfg['tag']}" if recipe.weights == "default" else recipe.weights
+    return dict(weights=named, weights_sha256=sha256(found.file), base_model=found.hub_repo,
+                weights_license=cfg.get("license"))
+
+
+def run_record(run: Run) -> dict:
+    """What the run did, kept in its model's config.json as ``training``: zoo-publish's card says this, not what
+    the architecture's default tag declares."""
+    recipe, start = run.recipe, starting_weights(run.recipe)
+    licence = recipe.license or start["weights_license"] or ("apache-2.0" if recipe.weights is None else "unknown")
+    return dict(recipe=recipe.name, dataset=recipe.dataset, classes=len(run.classes),
+                train_images=len(run.train_loader.dataset), val_images=len(run.val_loader.dataset),
+                image_size=run.data_config["input_size"][-1], epochs=recipe.epochs, steps=run.progress.step,
+                objective=recipe.objective, freeze_backbone=recipe.freeze_backbone,
+                new_classifier=recipe.new_classifier, **start, license=licence)
+
+
 def export(run: Run) -> Path:
-    """The final weights in timm's Hub layout, ``<output_dir>/model`` (main process)."""
+    """The final weights in timm's Hub layout, ``<output_dir>/model`` (main process), its config.json recording
+    the run (``run_record``) in place of the architecture default's tag, licence and notes."""
     model_dir = run.folder.path / "model"
     if run.accelerator.is_main_process:
+        record = run_record(run)
+        start = "a random initialisation" if record["weights"] is None else f"weights {record['weights']}"
+        notes = (f"zoo-train recipe {record['recipe']}: {record['epochs']} epoch(s) on {record['train_images']} "
+                 f"{record['dataset']} images of {record['classes']} classes at {record['image_size']} px, from "
+                 f"{start}" + (", backbone frozen" if record["freeze_backbone"] else ""),)
         save_for_hf(run.accelerator.unwrap_model(run.model), str(model_dir), safe_serialization=True,
-                    model_config=dict(label_names=run.classes, num_classes=len(run.classes)),
+                    model_config=dict(label_names=run.classes, num_classes=len(run.classes), training=record,
+                                      pretrained_cfg=dict(license=record["license"], notes=notes)),
                     model_args={key: v for key, v in run.recipe.model_args.items() if key != "num_classes"},
                     data_config={key: run.data_config[key] for key in ("input_size", "interpolation", "crop_pct",
                                                                        "mean", "std")})
+        config = json.loads((model_dir / CONFIG_FILE).read_text())
+        config["pretrained_cfg"].pop("tag", None)  # the architecture's default tag names other weights
+        (model_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return model_dir
 
 

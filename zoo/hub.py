@@ -8,6 +8,13 @@ A checkpoint is a folder holding ``model.safetensors`` and timm's ``config.json`
 read from safetensors. ``verify_checkpoint`` checks one before it is published or loaded by ``load_model``:
 the architecture is one timm knows, the file is complete safetensors whose tensors are those of the model
 the config describes, and its SHA-256 is the one ``zoo-publish`` records in ``config.json``.
+
+``resolve_weights`` is the one way weights are named, everywhere (``zoo-eval --weights``, a recipe's ``weights``,
+the demo), with timm's own names: ``local-dir:<folder>``, ``hf-hub:<org>/<name>[@revision]``, a registered
+``arch.tag`` or ``default`` (the architecture's own tag), and also a checkpoint folder, an ``org/name`` Hub
+repository or a bare ``.safetensors`` file. ``load_model`` builds a model from them as timm's ``local-dir:`` and
+``hf-hub:`` do: with the checkpoint's ``model_args`` (explicit arguments win) and its input size, interpolation,
+crop and mean/std as the model's pretrained config (what ``timm.data.resolve_data_config`` reads).
 """
 
 import hashlib
@@ -15,6 +22,7 @@ import json
 import os
 import shutil
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -22,15 +30,18 @@ import torch
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
+from timm.models import get_pretrained_cfg, resolve_pretrained_cfg, split_model_name_tag
 
-__all__ = ["CONFIG_FILE", "HUB_ORG", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "CheckpointError", "add_to_hf_cache",
-           "checkpoint_mismatch", "hub_checkpoint", "hub_id", "load_model", "read_config", "sha256",
-           "verify_checkpoint", "weights_file"]
+__all__ = ["CONFIG_FILE", "HUB_ORG", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "CheckpointError", "Weights",
+           "add_to_hf_cache", "checkpoint_mismatch", "hub_checkpoint", "hub_id", "load_model", "read_config",
+           "resolve_weights", "sha256", "verify_checkpoint", "weights_file"]
 
 HUB_ORG = os.environ.get("ZOO_HUB_ORG", "interpretable-zoo")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # never loaded, never published
+DATA_FIELDS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")  # of a pretrained config
+LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
 
 
 class CheckpointError(ValueError):
@@ -130,6 +141,12 @@ def checkpoint_mismatch(found: Mapping[str, Sequence[int]], expected: Mapping[st
                       ("shape mismatches, checkpoint vs model", wrong_shape)) if keys)
 
 
+def _data_cfg(pretrained_cfg: Mapping) -> dict:
+    """The preprocessing fields (``DATA_FIELDS``) a pretrained config sets."""
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in pretrained_cfg.items()
+            if key in DATA_FIELDS and value is not None}
+
+
 def verify_checkpoint(folder: str | os.PathLike) -> dict:
     """Check a checkpoint folder before it is loaded or published; returns its config.
 
@@ -147,8 +164,10 @@ def verify_checkpoint(folder: str | os.PathLike) -> dict:
     config = read_config(folder)
     shapes = _tensor_shapes(weights, config.get("weights_sha256"))
     args = {"num_classes": config["num_classes"]} if "num_classes" in config else {}
+    overlay = _data_cfg(config.get("pretrained_cfg", {}))  # as local-dir: builds it (a ViT's fixed input size)
     with torch.device("meta"):
-        model = timm.create_model(config["architecture"], **{**args, **config.get("model_args", {})})
+        model = timm.create_model(config["architecture"], pretrained_cfg_overlay=overlay,
+                                  **{**args, **config.get("model_args", {})})
     problems = checkpoint_mismatch(shapes, {key: value.shape for key, value in model.state_dict().items()})
     if problems:
         raise CheckpointError(f"{weights} does not hold the {config['architecture']} its {CONFIG_FILE} describes "
@@ -157,15 +176,16 @@ def verify_checkpoint(folder: str | os.PathLike) -> dict:
 
 
 def hub_checkpoint(repo_id: str) -> Path:
-    """The verified local folder (cache snapshot) of a Hub checkpoint; downloads ``config.json`` and
-    ``model.safetensors`` only, so pickled weights are never fetched, nor loaded."""
+    """The verified local folder (cache snapshot) of a Hub checkpoint, ``org/name`` or ``org/name@revision``;
+    downloads ``config.json`` and ``model.safetensors`` only, so pickled weights are never fetched, nor loaded."""
+    repo, _, revision = repo_id.partition("@")
     try:
-        folder = Path(hf_hub_download(repo_id, CONFIG_FILE)).parent
+        folder = Path(hf_hub_download(repo, CONFIG_FILE, revision=revision or None)).parent
     except (EntryNotFoundError, RepositoryNotFoundError) as error:
         raise FileNotFoundError(f"no checkpoint at hf-hub:{repo_id} (not in the local cache, not downloadable: "
                                 f"{error})") from None
     try:
-        hf_hub_download(repo_id, WEIGHTS_FILE)
+        hf_hub_download(repo, WEIGHTS_FILE, revision=revision or None)
     except EntryNotFoundError:
         raise CheckpointError(f"hf-hub:{repo_id} has no {WEIGHTS_FILE} (in the local cache or downloadable): only "
                               "safetensors weights are loaded, never pickled ones") from None
@@ -173,62 +193,121 @@ def hub_checkpoint(repo_id: str) -> Path:
     return folder
 
 
-def weights_file(name: str, weights: str) -> Path:
-    """The safetensors file that ``weights`` names for model ``name``, checked: a ``.safetensors`` file (complete), a
-    folder holding ``model.safetensors`` or an ``org/name`` Hub repository (``verify_checkpoint``), or
-    ``default``: the file of the architecture's own tag (its ``file``, or its Hub repository's ``model.safetensors``
-    in the cache, downloaded if need be)."""
-    if weights == "default":
-        cfg = timm.models.resolve_pretrained_cfg(name)
-        if cfg.file:
-            return Path(cfg.file)
-        if not cfg.hf_hub_id:
-            raise ValueError(f"the default weights of {name} are neither a file nor on the Hugging Face Hub")
+@dataclass(frozen=True)
+class Weights:
+    """Weights as ``resolve_weights`` found them: their checked safetensors file and what their checkpoint says."""
+
+    file: Path
+    architecture: str | None = None  # the checkpoint's (its config.json's or its tag's); None for a bare file
+    model_args: dict = field(default_factory=dict)  # config.json's, but num_classes (the task decides it)
+    pretrained_cfg: dict = field(default_factory=dict)  # config.json's or the tag's
+    hub_repo: str | None = None  # the Hugging Face Hub repository they come from (a local folder or file: None)
+
+    @property
+    def data_cfg(self) -> dict:
+        """Their input size, interpolation, crop and mean/std, where their config gives them."""
+        return _data_cfg(self.pretrained_cfg)
+
+    def model_args_for(self, name: str, **kwargs) -> dict:
+        """What model ``name`` is built with from these weights: the checkpoint's ``model_args`` where it is a
+        ``name`` itself (not, say, a backbone's checkpoint), overridden by ``kwargs``."""
+        own = self.model_args if self.architecture == split_model_name_tag(name)[0] else {}
+        return {**own, **kwargs}
+
+
+def _checkpoint(folder: Path, hub_repo: str | None = None) -> Weights:
+    config = verify_checkpoint(folder)
+    args = {key: value for key, value in config.get("model_args", {}).items() if key != "num_classes"}
+    return Weights(folder / WEIGHTS_FILE, config["architecture"], args, config.get("pretrained_cfg", {}), hub_repo)
+
+
+def _tagged(cfg, what: str) -> Weights:
+    """The safetensors file of a registered tag's pretrained config: its ``file``, or its Hub repository's
+    ``model.safetensors`` (in the cache, downloaded if need be)."""
+    if cfg.file:
+        file = Path(cfg.file)
+    elif cfg.hf_hub_id:
         repo, _, revision = cfg.hf_hub_id.partition("@")
         try:
-            return Path(hf_hub_download(repo, WEIGHTS_FILE, revision=revision or None))
+            file = Path(hf_hub_download(repo, WEIGHTS_FILE, revision=revision or None))
         except (EntryNotFoundError, RepositoryNotFoundError) as error:
-            raise FileNotFoundError(f"no {WEIGHTS_FILE} for the default weights of {name} at hf-hub:{cfg.hf_hub_id} "
-                                    f"(not in the local cache, not downloadable: {error})") from None
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} for {what} at hf-hub:{cfg.hf_hub_id} (not in the local cache, "
+                                    f"not downloadable: {error})") from None
+    else:
+        raise ValueError(f"{what} are neither a file nor on the Hugging Face Hub")
+    _tensor_shapes(file, None)
+    return Weights(file, cfg.architecture, {}, cfg.to_dict(), None if cfg.file else cfg.hf_hub_id.partition("@")[0])
+
+
+def resolve_weights(name: str, weights: str) -> Weights:
+    """The weights ``weights`` names for model ``name``, checked (``verify_checkpoint`` for a checkpoint folder,
+    complete safetensors otherwise), named as timm names them:
+
+    - ``local-dir:<folder>`` or a folder: a checkpoint folder (``model.safetensors`` + ``config.json``), such as a
+      training run's ``model/``;
+    - ``hf-hub:<org>/<name>[@revision]`` or ``<org>/<name>``: a Hub checkpoint (the cache, downloaded if need be);
+    - ``<arch>.<tag>``: a registered tag's weights; ``default``: those of ``name``'s own default tag;
+    - a ``.safetensors`` file: the tensors alone (no config).
+    """
+    if weights.startswith(LOCAL_DIR):
+        folder = Path(weights.removeprefix(LOCAL_DIR))
+        if not folder.is_dir():
+            raise FileNotFoundError(f"weights {weights}: no folder {folder}")
+        return _checkpoint(folder)
+    if weights.startswith(HF_HUB):
+        repo_id = weights.removeprefix(HF_HUB)
+        return _checkpoint(hub_checkpoint(repo_id), repo_id.partition("@")[0])
+    if weights == "default":
+        return _tagged(resolve_pretrained_cfg(name), f"the default weights of {name}")
     path = Path(weights)
     if path.is_dir():
-        verify_checkpoint(path)
-        return path / WEIGHTS_FILE
+        return _checkpoint(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} not found")
         _tensor_shapes(path, None)
-        return path
+        return Weights(path)
+    architecture, tag = split_model_name_tag(weights)
+    if tag and "/" not in weights and timm.is_model(architecture):
+        try:
+            return _tagged(get_pretrained_cfg(weights), f"the weights {weights}")
+        except RuntimeError as error:  # timm: an architecture it knows, a tag it does not
+            raise ValueError(f"weights {weights!r}: {error} (timm.list_pretrained('{architecture}*') lists its "
+                             "tags)") from None
     if "/" in weights and not path.exists():
-        return hub_checkpoint(weights) / WEIGHTS_FILE
-    raise ValueError("weights must be a .safetensors file, a folder with model.safetensors, an org/name "
-                     f"Hub id or 'default', got {weights!r}")
+        return _checkpoint(hub_checkpoint(weights), weights.partition("@")[0])
+    raise ValueError(f"weights must be local-dir:<folder>, hf-hub:<org>/<name>, a registered <arch>.<tag>, "
+                     f"'default', a checkpoint folder, an org/name Hub id or a .safetensors file, got {weights!r}")
 
 
-def load_model(name: str, weights: str | None, num_classes: int, new_classifier: bool = False,
+def weights_file(name: str, weights: str) -> Path:
+    """The checked safetensors file ``weights`` names for model ``name`` (``resolve_weights``)."""
+    return resolve_weights(name, weights).file
+
+
+def load_model(name: str, weights: str | Weights | None, num_classes: int, new_classifier: bool = False,
                **kwargs) -> torch.nn.Module:
     """A registered model for ``num_classes``, random-initialised (``weights=None``) or loaded from weights.
 
-    ``weights``: a ``.safetensors`` file, a folder holding ``model.safetensors`` (a saved Hub folder or a
-    training run's ``model/``), an ``org/name`` Hub repository, or ``default`` (the architecture's own tag).
-    Checked first as ``weights_file`` describes.
+    ``weights``: any name ``resolve_weights`` takes (checked first as it describes), or what it returned. As
+    timm's ``local-dir:`` and ``hf-hub:`` load a checkpoint, the model is built with its ``model_args`` where
+    it is a ``name`` (``kwargs``, which go to ``timm.create_model``, win), and its pretrained config carries the
+    weights' input size, interpolation, crop and mean/std.
     The checkpoint's classifier is kept, so it must have ``num_classes`` outputs, unless ``new_classifier``
-    (fine-tuning on another label set: timm leaves the classifier at its initialisation). ``kwargs`` go to
-    ``timm.create_model``.
+    (fine-tuning on another label set: timm leaves the classifier at its initialisation).
     """
     if weights is None:
         return timm.create_model(name, num_classes=num_classes, **kwargs)
-    overlay = {} if new_classifier else dict(num_classes=num_classes)
-    if weights != "default":  # timm resolves the default tag itself
-        overlay["file"] = str(weights_file(name, weights))
-    if new_classifier:  # any class count other than the checkpoint's makes timm drop its classifier
-        overlay["num_classes"] = -1
+    if isinstance(weights, str):
+        weights = resolve_weights(name, weights)
+    # any class count other than the checkpoint's makes timm drop its classifier
+    overlay = {**weights.data_cfg, "file": str(weights.file), "num_classes": -1 if new_classifier else num_classes}
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
-                                 **kwargs)
+                                 **weights.model_args_for(name, **kwargs))
     except RuntimeError as error:
         if "Error(s) in loading state_dict" not in str(error):
             raise
-        raise ValueError(f"weights {weights} do not fit {name} with {num_classes} classes: saved from another "
+        raise ValueError(f"weights {weights.file} do not fit {name} with {num_classes} classes: saved from another "
                          "architecture, or for another class count (new_classifier=True fine-tunes on new classes)"
                          f"\n{str(error)[:2000]}") from None

@@ -7,15 +7,57 @@ import torch
 __all__ = ["ModelOutput", "check_image_batch", "logits_of", "model_name"]
 
 
+NOT_A_TENSOR = ("a zoo ModelOutput (logits, saliency), not a tensor: read its .logits, or create the model "
+                "with return_saliency=False for plain logits (timm's train.py, validate.py and inference.py: "
+                "--model-kwargs return_saliency=False)")
+
+
+def _operator(symbol: str, tuple_operator=None, tuple_operand: type | tuple = ()):
+    """A ``ModelOutput`` operator: the tuple's own for a ``tuple_operand`` (``+`` or a comparison with a tuple,
+    ``*`` with an int), else the TypeError that says how to get the logits."""
+
+    def operator(self, *operands):
+        if operands and isinstance(operands[0], tuple_operand):
+            return tuple_operator(self, *operands)
+        raise TypeError(f"the {symbol} operator got {NOT_A_TENSOR}")
+
+    return operator
+
+
 class ModelOutput(NamedTuple):
     """What a zoo model's forward returns: logits and its built-in saliency, from one pass.
 
     ``logits`` is ``[B, num_classes]``; ``saliency`` is ``[B, h, w]`` at the resolution of the
-    feature map it comes from (upsample it to the image to overlay it).
+    feature map it comes from (upsample it to the image to overlay it). It is not a tensor: a torch function
+    or tensor operator given it, or a tensor attribute asked of it, raises an error that says to read
+    ``.logits`` or to create the model with ``return_saliency=False``.
     """
 
     logits: torch.Tensor
     saliency: torch.Tensor
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise TypeError(f"{getattr(func, '__name__', func)} got {NOT_A_TENSOR}")
+
+    def __getattr__(self, name: str):
+        hint = f": it is {NOT_A_TENSOR}" if hasattr(torch.Tensor, name) and not name.startswith("__") else ""
+        raise AttributeError(f"'ModelOutput' object has no attribute {name!r}{hint}", name=name, obj=self)
+
+    __add__ = _operator("+", tuple.__add__, tuple)
+    __mul__ = __rmul__ = _operator("*", tuple.__mul__, int)
+    __lt__ = _operator("<", tuple.__lt__, tuple)
+    __le__ = _operator("<=", tuple.__le__, tuple)
+    __gt__ = _operator(">", tuple.__gt__, tuple)
+    __ge__ = _operator(">=", tuple.__ge__, tuple)
+    __radd__ = _operator("+")
+    __sub__ = __rsub__ = _operator("-")
+    __truediv__ = __rtruediv__ = _operator("/")
+    __floordiv__ = __rfloordiv__ = _operator("//")
+    __mod__ = __rmod__ = _operator("%")
+    __pow__ = __rpow__ = _operator("**")
+    __matmul__ = __rmatmul__ = _operator("@")
+    __neg__ = _operator("unary -")
 
 
 def logits_of(output) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 from zoo import CAStream
 from zoo.output import check_image_batch, logits_of, model_name
 
-from .tokens import layer_layout, patch_grid
+from .tokens import has_patch_grid, layer_layout, patch_grid
 
 __all__ = ["METHODS", "Explainer", "Number", "OneOf", "check_options", "default_layer", "explain", "mask_images",
            "min_max", "normalise_per_image", "pixel_statistics", "saliency_method"]
@@ -107,12 +107,13 @@ def backbone_of(model: nn.Module) -> nn.Module:
 def default_layer(model: nn.Module) -> nn.Module:
     """The layer CAM methods explain by default (thesis §2.5.1): a ResNet's last block, a ViT / DeiT's last
     block's first norm (``blocks[-1].norm1``), a VGG's last convolution before the last max-pool (its
-    rectified output), a ConvNeXt's last stage, any timm model's last feature stage; for a CA-Stream model,
-    that layer of its backbone."""
+    rectified output), a ConvNeXt's or MambaOut's last stage, any other timm model's last feature stage
+    (``feature_info``: Swin's last stage, Hiera's last block); for a CA-Stream model, that layer of its
+    backbone."""
     net = backbone_of(model)
     if hasattr(net, "layer4"):  # timm and torchvision ResNets
         return net.layer4[-1]
-    if hasattr(net, "patch_embed") and hasattr(net, "blocks") and hasattr(net.blocks[-1], "norm1"):  # timm ViTs
+    if hasattr(net, "num_prefix_tokens") and hasattr(net, "blocks") and hasattr(net.blocks[-1], "norm1"):  # timm ViTs
         return net.blocks[-1].norm1
     if hasattr(net, "stages"):  # timm ConvNeXt and other staged timm models
         return net.stages[-1]
@@ -126,17 +127,21 @@ def default_layer(model: nn.Module) -> nn.Module:
 
 
 def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:
+    """The module ``layer`` names: itself, a dotted name in ``model`` or, for a CA-Stream model, one in its
+    backbone (``layer3.1`` as for the plain timm network, where ``model`` has none of that name)."""
     if layer is None:
         return default_layer(model)
     if isinstance(layer, nn.Module):
         if not any(module is layer for module in model.modules()):
             raise ValueError(f"layer {type(layer).__name__} is not a module of this {type(model).__name__}")
         return layer
-    try:
-        return model.get_submodule(layer)
-    except AttributeError:
-        children = ", ".join(name for name, _ in model.named_children())
-        raise ValueError(f"{type(model).__name__} has no layer {layer!r} (its top-level modules: {children})") from None
+    for net in (model, backbone_of(model)):
+        try:
+            return net.get_submodule(layer)
+        except AttributeError:
+            pass
+    children = ", ".join(name for name, _ in model.named_children())
+    raise ValueError(f"{type(model).__name__} has no layer {layer!r} (its top-level modules: {children})")
 
 
 @contextmanager
@@ -250,8 +255,8 @@ class Explainer:
         seen = {}
 
         def hook(module, inputs, output):
-            self._layout = layer_layout(self.network, output, self.images.shape[-2:], self.model_name,
-                                        type(module).__name__, self.layer_name)
+            self._layout = layer_layout(self.network, module, output, self.images.shape[-2:], self.model_name,
+                                        self.layer_name)
             leaf = output.detach().requires_grad_(gradients)
             seen["activations"] = leaf
             return leaf
@@ -345,7 +350,7 @@ def _check_images(images: torch.Tensor, model: nn.Module, name: str) -> None:
         raise ValueError(f"images for {name} are not finite (NaN or Inf) at batch positions "
                          f"{_positions(~finite)}")
     net = backbone_of(model)
-    if hasattr(net, "patch_embed"):  # a size the patch embedding refuses is named before any forward
+    if has_patch_grid(net):  # a size the patch embedding refuses is named before any forward
         patch_grid(net, images.shape[-2:], name)
 
 
@@ -368,13 +373,17 @@ def explain(model: nn.Module, images: torch.Tensor, method: str, targets=None, l
     """Saliency maps ``[B, H, W]`` in [0, 1] of ``method`` for ``targets`` (default: predicted classes), float32
     (float64 for a float64 model).
 
-    ``layer`` (a module or its dotted name) is the layer CAM methods explain (``default_layer``); a token
-    layer of a vision transformer is read as maps on its patch grid. ``options`` go to the
-    method (e.g. ``iterations`` for Opti-CAM), checked by ``check_options``. Images and the model's outputs
-    must be finite. The model's train/eval modes and ``requires_grad`` flags are restored afterwards and no
-    hook is left on it.
+    ``layer`` (a module or its dotted name; on a CA-Stream model also one in its backbone) is the layer CAM
+    methods explain (``default_layer``); channels-last maps and the token layers of a vision transformer or
+    a Hiera's blocks are read as maps on their grid (``tokens.py``). A ``torch.compile``'d model is explained
+    through the module it wraps. ``options`` go to the method (e.g. ``iterations`` for Opti-CAM), checked by
+    ``check_options``. Images and the model's outputs must be finite. The model's train/eval modes and
+    ``requires_grad`` flags are restored afterwards and no hook is left on it.
     """
     check_options(method, options)
+    # torch.compile's wrapper (OptimizedModule) would have Dynamo trace our hooks, which swap the layer's output
+    # for a detached leaf, and fail; the maps are those of the module it wraps, which is explained eagerly
+    model = getattr(model, "_orig_mod", model)
     name = model_name(model)
     _check_images(images, model, name)
     targets = check_targets(targets, len(images), images.device)

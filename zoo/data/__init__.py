@@ -15,9 +15,10 @@ torchvision) and "fashion-mnist-idx" (``FashionMNISTIdx``, offline from ``FASHIO
 ``difficult="drop"`` (see ``VOC2012``). ``find_fashion_mnist()`` says where Fashion-MNIST is (a given folder, the
 Debian package's, installed with apt when possible, or torchvision's download) and in which layout.
 
-``first_images(name, root, config, count)`` gives a dataset's first images preprocessed for a model's data config,
-stacked, with their targets; ``box_share(dataset)`` the mean share of the image its box covers (the pointing
-game's chance level).
+``dataset_images(name, root, config, indices)`` gives some of a dataset's images preprocessed for a model's data
+config, stacked, with their targets; ``box_share(dataset, indices)`` the mean share of the image its box covers
+(the pointing game's chance level); ``sample_indices(count, size, seed)`` a fixed random sample of a split's
+indices (the ``--limit`` of zoo-train and zoo-eval).
 
 "fashion-canvas" (``FashionCanvas``) and "fashion-canvas-multi" (``FashionCanvasMulti``) turn Fashion-MNIST
 into localisation data, generated on the fly: each item at a random place and scale on a black ``size`` x
@@ -53,7 +54,7 @@ A box of negative width or height, or reaching outside the image, is a ValueErro
 XML object) that gave it, raised when its sample is read, the first time the image's size is known.
 """
 
-from .base import ImageDataset, box_share, collate, make_target, sanitize_boxes
+from .base import ImageDataset, box_share, collate, make_target, sample_indices, sanitize_boxes
 from .canvas import FashionCanvas, FashionCanvasMulti
 from .classification import (
     CIFAR100,
@@ -66,7 +67,7 @@ from .classification import (
     read_idx,
 )
 from .cub import CUB200
-from .factory import DATASETS, build_dataset, first_images
+from .factory import DATASETS, build_dataset, dataset_images
 from .voc import VOC2012, VOC_CLASSES
 
 __all__ = [
@@ -85,10 +86,11 @@ __all__ = [
     "ImageFolderDataset",
     "box_share",
     "build_dataset",
+    "dataset_images",
     "collate",
     "find_fashion_mnist",
-    "first_images",
     "make_target",
     "read_idx",
+    "sample_indices",
     "sanitize_boxes",
 ]

@@ -53,6 +53,15 @@ def check_boxes(boxes: Sequence[Sequence[float]], canvas_size: Sequence[int], so
             raise ValueError(f"{source}: box [{x1}, {y1}, {x2}, {y2}] lies outside the {width}x{height} image")
 
 
+def sample_indices(count: int, size: int, seed: int) -> list[int]:
+    """``size`` of the indices ``0 .. count - 1`` drawn at random from ``seed`` (all of them when ``size >= count``),
+    in order: a limit that spans the classes of a dataset stored class by class, the same in every process and
+    run (``zoo-train --limit``, ``zoo-eval --limit``)."""
+    if size >= count:
+        return list(range(count))
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size].sort().values.tolist()
+
+
 def collate(batch: Sequence[Sample]) -> tuple[torch.Tensor, Target]:
     """DataLoader ``collate_fn``: images [B, C, H, W] and labels stacked, the other entries kept as lists of B.
 
@@ -153,20 +162,21 @@ class ImageDataset(Dataset, ABC):
         return path
 
 
-def first(data: ImageDataset, count: int) -> range:
-    """The indices of the first ``count`` samples of ``data``; a ValueError unless it has that many (and count >= 1)."""
-    if not 0 < count <= len(data):
-        raise ValueError(f"count must be between 1 and the {len(data)} samples of {type(data).__name__} "
-                         f"{data.split}, got {count}")
-    return range(count)
+def check_indices(data: ImageDataset, indices: Sequence[int]) -> Sequence[int]:
+    """``indices``, unless empty or outside the samples of ``data``: then a ValueError naming them."""
+    if not indices or not all(0 <= index < len(data) for index in indices):
+        raise ValueError(f"indices must be 1 or more of the {len(data)} samples of {type(data).__name__} "
+                         f"{data.split}, got {list(indices)[:8]}")
+    return indices
 
 
-def box_share(data: ImageDataset, count: int | None = None) -> float:
-    """The mean share of the image that its box covers, over the first ``count`` samples of ``data`` (all by
-    default), each holding one box (as CUB's and the single-object canvases'): the rate at which a point drawn
-    uniformly at random falls into the box, i.e. the chance level of the standard pointing game (thesis eq. 1.21)."""
+def box_share(data: ImageDataset, indices: Sequence[int] | None = None) -> float:
+    """The mean share of the image that its box covers, over the samples ``indices`` of ``data`` (all by default;
+    an evaluation's own, e.g. ``sample_indices`` for a limited one), each holding one box (as CUB's and the
+    single-object canvases'): the rate at which a point drawn uniformly at random falls into the box, i.e. the
+    chance level of the standard pointing game (thesis eq. 1.21)."""
     shares = []
-    for index in first(data, len(data) if count is None else count):
+    for index in check_indices(data, range(len(data)) if indices is None else indices):
         boxes = data.load(index)[1]["boxes"]
         if len(boxes) != 1:
             raise ValueError(f"sample {index} has {len(boxes)} boxes: a box share needs exactly one per image")

@@ -1,8 +1,10 @@
-"""``build_dataset``: every reader by name; ``first_images``: a reader's first images, ready for a model."""
+"""``build_dataset``: every reader by name; ``dataset_images``: some of a reader's images, ready for a model."""
+
+from collections.abc import Sequence
 
 import torch
 
-from .base import ImageDataset, Target, first
+from .base import ImageDataset, Target, check_indices
 from .canvas import FashionCanvas, FashionCanvasMulti
 from .classification import CIFAR100, FashionMNIST, FashionMNISTIdx, ImageFolderDataset
 from .cub import CUB200
@@ -34,11 +36,12 @@ def build_dataset(name: str, root, split: str, transforms=None, download: bool =
     return reader(root, split, transforms, **options)
 
 
-def first_images(name: str, root, config: dict, count: int, split: str = "test",
-                 **options) -> tuple[torch.Tensor, list[Target]]:
-    """The first ``count`` images of ``split`` of the dataset ``name``, preprocessed for evaluation with the timm
-    data ``config`` (``transforms.eval_transform``; a checkpoint's is its ``pretrained_cfg``) and stacked
-    [count, C, H, W], and their targets; ``options`` go to the reader."""
+def dataset_images(name: str, root, config: dict, indices: Sequence[int], split: str = "test",
+                   **options) -> tuple[torch.Tensor, list[Target]]:
+    """The images ``indices`` of ``split`` of the dataset ``name`` (``range(n)``: the first n; ``sample_indices``:
+    those a limited evaluation draws), preprocessed for evaluation with the timm data ``config``
+    (``transforms.eval_transform``; a checkpoint's is its ``pretrained_cfg``) and stacked [len(indices), C, H, W],
+    and their targets; ``options`` go to the reader."""
     data = build_dataset(name, root, split, eval_transform(config), **options)
-    samples = [data[index] for index in first(data, count)]
+    samples = [data[index] for index in check_indices(data, indices)]
     return torch.stack([image for image, _ in samples]), [target for _, target in samples]

@@ -46,9 +46,9 @@ from zoo.models.cost import parameter_count
 
 from . import metrics as _declared  # noqa: F401  (registers the interpretability metrics the tables show)
 
-__all__ = ["BIBTEX", "CARDS_DIR", "CARD_MARKER", "MIN_IMAGES", "add_results", "check_replaceable", "create_card_folder",
-           "follows_thesis_protocol", "inside", "main", "regenerate", "release", "safe_name", "thesis_rows",
-           "write_card"]
+__all__ = ["BIBTEX", "CARDS_DIR", "CARD_MARKER", "MIN_IMAGES", "add_results", "check_replaceable", "check_tag_claim",
+           "create_card_folder", "follows_thesis_protocol", "inside", "main", "regenerate", "release", "safe_name",
+           "thesis_rows", "write_card"]
 
 CARDS_DIR = Path("model_cards")  # zoo-card's default: in the working directory (the repository's root), never the
 # installed package's folder
@@ -285,6 +285,17 @@ def _family(model: torch.nn.Module) -> type:
 def _tag_dataset(name: str) -> str | None:
     """The dataset a tag's name declares (``in1k``: ImageNet-1k, ``c100...``: CIFAR-100), if any."""
     return TAG_DATASETS.get(name.partition(".")[2].split("_")[0])
+
+
+def check_tag_claim(name: str, training: dict | None) -> None:
+    """Refuse to name a run's weights ``name`` when its tag declares training data (``.in1k``: ImageNet-1k,
+    ``.c100``: CIFAR-100) other than the run's record says it trained on: the name itself would be a claim."""
+    declared = _tag_dataset(name)
+    if declared is None or training is None or release(training["dataset"], training["classes"]) == DATASETS[declared]:
+        return
+    trained_on = dataset_names(training["dataset"], training["classes"])[1]
+    raise ValueError(f"{name}: its tag declares weights trained on {DATASETS[declared].name}, but this run trained on "
+                     f"{trained_on}; publish it under a tag of its own (e.g. {name.partition('.')[0]}.<your-tag>)")
 
 
 def declared_base_model(name: str) -> str | None:

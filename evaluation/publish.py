@@ -37,9 +37,27 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 
-from zoo.hub import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, CheckpointError, hub_id, sha256, verify_checkpoint
+from zoo.hub import (
+    CONFIG_FILE,
+    PICKLE_SUFFIXES,
+    WEIGHTS_FILE,
+    CheckpointError,
+    hub_id,
+    read_config,
+    sha256,
+    verify_checkpoint,
+)
 
-from .model_card import CARD_MARKER, add_results, check_replaceable, create_card_folder, inside, safe_name, write_card
+from .model_card import (
+    CARD_MARKER,
+    add_results,
+    check_replaceable,
+    check_tag_claim,
+    create_card_folder,
+    inside,
+    safe_name,
+    write_card,
+)
 
 __all__ = ["build_hub_folder", "main"]
 
@@ -66,6 +84,7 @@ def build_hub_folder(model_dir: Path, out: Path, name: str, results: list[Path],
                      base_model: str | None = None, existing: ModelCard | None = None) -> ModelCard:
     """Write the Hub folder of checkpoint ``name`` into ``out`` (which must not exist); returns its card."""
     config = verify_checkpoint(model_dir)
+    check_tag_claim(name, config.get("training"))
     create_card_folder(out, exist_ok=False)
     shutil.copyfile(model_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(hub_config(config, out / WEIGHTS_FILE, name), indent=2) + "\n")
@@ -115,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.cards is not None and repo_id != hub_id(name):
         parser.error(f"--cards keeps cards of {hub_id('<name>')} only: a kept card names its repository so")
     kept = None if args.cards is None else inside(args.cards, name, "repository name")
+    training = read_config(args.model_dir).get("training")  # before the Hub is touched
+    try:
+        check_tag_claim(name, training)
+    except ValueError as error:
+        parser.error(str(error))
     out = args.out
     for folder, option in ((kept, "--cards"), (out, "--out")):
         if folder is not None:

@@ -83,3 +83,13 @@ def test_a_figure_on_enough_images_names_the_data_it_was_measured_on(toy_run, tm
                            for entry in entries)
     assert not [claim for claim in CLAIMS if claim in str(card).lower()]  # no thesis tables beside 3-class data
     assert "below the minimum" not in card.text
+
+
+def test_a_tag_that_declares_other_training_data_is_refused(toy_run, tmp_path, capsys):
+    model_dir, results = toy_run
+    with pytest.raises(SystemExit):
+        main([str(model_dir), "someone/resnet18_castream.in1k", "--results", str(results), "--out",
+              str(tmp_path / "hub"), "--dry-run"])
+    assert ("resnet18_castream.in1k: its tag declares weights trained on ImageNet-1k, but this run trained on "
+            "`imagenet-folder` data, 3 classes; publish it under a tag of its own") in capsys.readouterr().err
+    assert not (tmp_path / "hub").exists()

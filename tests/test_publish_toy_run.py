@@ -1,17 +1,20 @@
 """zoo-publish of a toy run (3 classes, 32 px, castream_imagenet's recipe from a random initialisation): the Hub
 folder describes that run and claims nothing it did not do (issue 24)."""
 
+import dataclasses
 import json
 
 import pytest
+import timm
 from data_layouts import make_image_folder
 from huggingface_hub import ModelCard
+from timm.models import save_for_hf
 
 from zoo.evaluation import harness, model_card
 from zoo.evaluation.publish import main
-from zoo.hub import sha256
+from zoo.hub import add_to_hf_cache, sha256
 from zoo.training.config import load_recipe
-from zoo.training.train import train
+from zoo.training.train import starting_weights, train
 
 CLASSES = ["cat", "dog", "fox"]
 NAME = "resnet18_castream.toy"
@@ -93,3 +96,23 @@ def test_a_tag_that_declares_other_training_data_is_refused(toy_run, tmp_path, c
     assert ("resnet18_castream.in1k: its tag declares weights trained on ImageNet-1k, but this run trained on "
             "`imagenet-folder` data, 3 classes; publish it under a tag of its own") in capsys.readouterr().err
     assert not (tmp_path / "hub").exists()
+
+
+def test_starting_weights_name_their_hub_repository_and_licence_only_when_they_come_from_the_hub(tmp_path):
+    backbone = timm.create_model("resnet18", num_classes=3)
+    save_for_hf(backbone, tmp_path / "saved", safe_serialization=True,
+                model_config=dict(num_classes=3, pretrained_cfg=dict(license="mit")))
+    add_to_hf_cache(tmp_path / "saved", "someone/resnet18-toy")
+    tagged = timm.models.get_pretrained_cfg("resnet18.tv_in1k")  # timm's own tag, from its Hub repository
+    add_to_hf_cache(tmp_path / "saved", tagged.hf_hub_id)
+    recipe = load_recipe("castream_imagenet", model="resnet18", data_root=str(tmp_path))
+    expected = {  # weights named as the recipe names them: (recorded name, base_model, licence)
+        "hf-hub:someone/resnet18-toy": ("hf-hub:someone/resnet18-toy", "someone/resnet18-toy", "mit"),
+        "resnet18.tv_in1k": ("resnet18.tv_in1k", "timm/resnet18.tv_in1k", "bsd-3-clause"),
+        f"local-dir:{tmp_path / 'saved'}": (f"local-dir:{tmp_path / 'saved'}", None, "mit"),
+        str(tmp_path / "saved" / "model.safetensors"): (str(tmp_path / "saved" / "model.safetensors"), None, None),
+    }
+    for weights, (named, base_model, licence) in expected.items():
+        start = starting_weights(dataclasses.replace(recipe, weights=weights))
+        assert (start["weights"], start["base_model"], start["weights_license"]) == (named, base_model, licence)
+        assert start["weights_sha256"] == sha256(tmp_path / "saved" / "model.safetensors")

@@ -50,7 +50,7 @@ from .optimiser import create_optimizer, create_schedule
 from .run_folder import MetricsLog, Progress, RunFolder, checkpoint_files, restore
 
 __all__ = ["Run", "SeededAugmentation", "build_datasets", "build_loaders", "build_model", "build_objective", "export",
-           "main", "set_up", "subset", "train", "train_one_epoch", "validate"]
+           "main", "run_record", "set_up", "starting_weights", "subset", "train", "train_one_epoch", "validate"]
 
 
 class SeededAugmentation(Dataset):

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data import DATASETS, build_dataset, collate, sample_indices
-from zoo.data.transforms import eval_transform
+from zoo.data.transforms import CONFIG_KEYS, eval_transform
 from zoo.hub import Weights, load_model, resolve_weights, sha256
 from zoo.metrics import METRICS, RECOGNITION, Metric, recognition, reported_value, tables
 from zoo.output import logits_of
@@ -54,7 +54,6 @@ from .metrics import (
 )
 from .saliency import METHODS, check_options, explain, mask_images, pixel_statistics
 
-DATA_CONFIG = ("input_size", "interpolation", "crop_pct", "mean", "std")  # what a run's preprocessing reads
 BOX_BASELINES = ("box", "box_complement")  # thesis Table 2.5: the ground truth itself as a saliency map
 EXAMPLES = 6  # images shown per method in examples.png
 
@@ -467,7 +466,7 @@ def resolve(protocol: Protocol, dataset) -> tuple[Protocol, Weights | None]:
         model = timm.create_model(protocol.model, num_classes=protocol.num_classes, **model_args,
                                   pretrained_cfg_overlay=None if weights is None else weights.data_cfg)
     config = resolve_data_config(protocol.data_config, model=model)
-    resolved = replace(protocol, model_args=model_args, data_config={key: config[key] for key in DATA_CONFIG},
+    resolved = replace(protocol, model_args=model_args, data_config={key: config[key] for key in CONFIG_KEYS},
                        probabilities=protocol.probabilities or dataset_probabilities(dataset))
     if resolved.weights_sha256 is None and weights is not None:
         resolved = replace(resolved, weights_sha256=sha256(weights.file))

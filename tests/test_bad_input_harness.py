@@ -23,7 +23,7 @@ from zoo.evaluation import harness
 from zoo.evaluation.harness import Protocol, main
 from zoo.evaluation.harness import run as run_protocol
 from zoo.evaluation.saliency import METHODS, explain
-from zoo.hub import add_to_hf_cache, sha256, weights_file
+from zoo.hub import add_to_hf_cache, resolve_weights, sha256
 
 CUB_SIZE = (500, 333)  # a typical CUB photograph: at 224 px timm's centre crop cuts ~100 px off each side
 OUTSIDE_THE_CROP = CubImage(1, False, (10, 100, 60, 120), CUB_SIZE)  # wholly in the left strip the crop drops
@@ -92,9 +92,9 @@ def test_weights_are_hashed_in_the_file_they_resolve_to(tmp_path):
     for weights in (str(folder), f"local-dir:{folder}", str(folder / "model.safetensors"),
                     "someone/resnet18_castream.cub", "hf-hub:someone/resnet18_castream.cub", "default",
                     "resnet18_castream.in1k"):
-        assert sha256(weights_file("resnet18_castream", weights)) == expected
+        assert sha256(resolve_weights("resnet18_castream", weights).file) == expected
     with pytest.raises(FileNotFoundError, match="weights file .*missing.safetensors not found"):
-        weights_file("resnet18_castream", str(tmp_path / "missing.safetensors"))
+        resolve_weights("resnet18_castream", str(tmp_path / "missing.safetensors"))
 
 
 def test_random_initialisation_has_no_weights_hash(tmp_path):

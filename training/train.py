@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data import build_dataset, collate, sample_indices
-from zoo.data.transforms import eval_transform, train_transform
+from zoo.data.transforms import CONFIG_KEYS, eval_transform, train_transform
 from zoo.hub import CONFIG_FILE, load_model, resolve_weights, sha256
 from zoo.metrics import recognition
 
@@ -304,8 +304,7 @@ def export(run: Run) -> Path:
                     model_config=dict(label_names=run.classes, num_classes=len(run.classes), training=record,
                                       pretrained_cfg=dict(license=record["license"], notes=notes)),
                     model_args={key: v for key, v in run.recipe.model_args.items() if key != "num_classes"},
-                    data_config={key: run.data_config[key] for key in ("input_size", "interpolation", "crop_pct",
-                                                                       "mean", "std")})
+                    data_config={key: run.data_config[key] for key in CONFIG_KEYS})
         config = json.loads((model_dir / CONFIG_FILE).read_text())
         config["pretrained_cfg"].pop("tag", None)  # the architecture's default tag names other weights
         (model_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))

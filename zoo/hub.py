@@ -34,7 +34,7 @@ from timm.models import get_pretrained_cfg, resolve_pretrained_cfg, split_model_
 
 __all__ = ["CONFIG_FILE", "HUB_ORG", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "CheckpointError", "Weights",
            "add_to_hf_cache", "checkpoint_mismatch", "hub_checkpoint", "hub_id", "load_model", "read_config",
-           "resolve_weights", "sha256", "verify_checkpoint", "weights_file"]
+           "resolve_weights", "sha256", "verify_checkpoint"]
 
 HUB_ORG = os.environ.get("ZOO_HUB_ORG", "interpretable-zoo")
 WEIGHTS_FILE = "model.safetensors"
@@ -278,11 +278,6 @@ def resolve_weights(name: str, weights: str) -> Weights:
         return _checkpoint(hub_checkpoint(weights), weights.partition("@")[0])
     raise ValueError(f"weights must be local-dir:<folder>, hf-hub:<org>/<name>, a registered <arch>.<tag>, "
                      f"'default', a checkpoint folder, an org/name Hub id or a .safetensors file, got {weights!r}")
-
-
-def weights_file(name: str, weights: str) -> Path:
-    """The checked safetensors file ``weights`` names for model ``name`` (``resolve_weights``)."""
-    return resolve_weights(name, weights).file
 
 
 def load_model(name: str, weights: str | Weights | None, num_classes: int, new_classifier: bool = False,

@@ -14,9 +14,10 @@ that wants such boxes gone adds ``sanitize_boxes()``.
 import torch
 from torchvision.transforms import v2
 
-__all__ = ["AUGMENTATIONS", "eval_transform", "train_transform"]
+__all__ = ["AUGMENTATIONS", "CONFIG_KEYS", "eval_transform", "train_transform"]
 
 AUGMENTATIONS = ("imagenet", "cifar", "none")
+CONFIG_KEYS = ("input_size", "interpolation", "crop_pct", "mean", "std")  # the data config's fields read here
 
 
 def _interpolation(config: dict) -> v2.InterpolationMode:

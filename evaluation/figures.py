@@ -35,10 +35,11 @@ def show(ax: Axes, image: torch.Tensor | np.ndarray, boxes: torch.Tensor | Seque
     ax.set_yticks([])
 
 
-def overlay(ax: Axes, image: torch.Tensor | np.ndarray, heatmap: torch.Tensor | np.ndarray, alpha: float = 0.5) -> None:
+def overlay(ax: Axes, image: torch.Tensor | np.ndarray, heatmap: torch.Tensor | np.ndarray, alpha: float = 0.5,
+            boxes: torch.Tensor | Sequence = ()) -> None:
     """An image [H, W, 3] in [0, 1] with a heat map [h, w] in [0, 1] over it (jet colours, stretched to the image
-    when smaller); no ticks."""
-    show(ax, image)
+    when smaller) and its boxes outlined (as ``show``); no ticks."""
+    show(ax, image, boxes)
     height, width = np.asarray(image).shape[:2]
     ax.imshow(np.asarray(heatmap), cmap="jet", alpha=alpha, vmin=0, vmax=1,
               extent=(-0.5, width - 0.5, height - 0.5, -0.5))

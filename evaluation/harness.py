@@ -164,6 +164,28 @@ def _check_finite(values: torch.Tensor, index: torch.Tensor, protocol: Protocol,
         raise ValueError(problem.format(images=f"images {images} of {protocol.dataset} ({protocol.split})"))
 
 
+def measure(model, images: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor, metrics: list[Metric],
+            shared: dict, method: str | None = None, options: dict | None = None, curves: str = DEFAULT_PROTOCOL,
+            probabilities: str = "softmax") -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Per-explanation values of ``metrics`` (by key) for ``maps`` [N, H, W] of ``images`` [N, C, H, W] explaining
+    ``classes``, and the inputs (``zoo.metrics.INPUTS``) computed for them. ``shared`` holds the inputs that do not
+    depend on the maps (``p``, and ``labels``, ``predictions``, ``boxes`` where a metric needs them); only what
+    the metrics need is computed: the masked images' probabilities ``o``, the maps of the masked images
+    (``method`` run again with ``options``), the insertion and deletion ``curves`` (a preset's name)."""
+    needs = {name for metric in metrics for name in metric.needs}
+    inputs = {**shared, "maps": maps}
+    if needs & {"o", "maps_of_masked"}:
+        masked = mask_images(images, maps, *pixel_statistics(model, images))
+    if "o" in needs:
+        with torch.no_grad():
+            inputs["o"] = target_probabilities(logits_of(model(masked)), classes, probabilities)
+    if "maps_of_masked" in needs:
+        inputs["maps_of_masked"] = explain(model, masked, method, classes, **(options or {}))
+    if "curves" in needs:
+        inputs["curves"] = perturbation_curves(model, images, maps, classes, curves, probabilities=probabilities)
+    return {metric.key: metric.values(inputs) for metric in metrics}, inputs
+
+
 def evaluate_batch(model, images: torch.Tensor, target: dict, index: torch.Tensor, protocol: Protocol,
                    keep_examples: bool) -> dict[str, torch.Tensor]:
     """Per-image results of one batch (the dataset's images ``index``) for every method: ``image/...`` per
@@ -196,7 +218,6 @@ def evaluate_batch(model, images: torch.Tensor, target: dict, index: torch.Tenso
         record["example/images"] = (explained[:EXAMPLES] * std + mean).clamp(0, 1)
     for method in protocol.methods:
         metrics = measured(protocol, method, labels.ndim == 2, logits.shape[1])
-        needs = {name for metric in metrics for name in metric.needs}
         options = protocol.method_options.get(method, {})
         start = time.perf_counter()
         if method in BOX_BASELINES:
@@ -204,18 +225,9 @@ def evaluate_batch(model, images: torch.Tensor, target: dict, index: torch.Tenso
         else:
             maps = explain(model, explained, method, classes, **options)
         record[f"time/{method}"] = torch.tensor(time.perf_counter() - start)
-        inputs = {**shared, "maps": maps}
-        if needs & {"o", "maps_of_masked"}:
-            masked = mask_images(explained, maps, mean, std)
-        if "o" in needs:
-            with torch.no_grad():
-                inputs["o"] = target_probabilities(logits_of(model(masked)), classes, protocol.probabilities)
-        if "maps_of_masked" in needs:
-            inputs["maps_of_masked"] = explain(model, masked, method, classes, **options)
-        if "curves" in needs:
-            inputs["curves"] = perturbation_curves(model, explained, maps, classes, protocol.curves,
-                                                   probabilities=protocol.probabilities)
-        record.update({f"row/{method}/{metric.key}": metric.values(inputs) for metric in metrics})
+        values, _ = measure(model, explained, maps, classes, metrics, shared, method, options, protocol.curves,
+                            protocol.probabilities)
+        record.update({f"row/{method}/{key}": value for key, value in values.items()})
         if keep_examples:
             record[f"example/{method}"] = maps[:EXAMPLES]
     return {key: value.detach().cpu().clone(memory_format=torch.contiguous_format) for key, value in record.items()}

@@ -1,6 +1,7 @@
 """The architecture as the imports show it: one package ``zoo`` whose layers only point down,
 
-    zoo (models, data, hub, metrics)  <-  zoo.training, zoo.evaluation  <-  examples/, benchmarks/, experiments/
+    zoo (models, data, hub, metrics)  <-  zoo.training, zoo.evaluation  <-  zoo.app, examples/, benchmarks/,
+                                                                             experiments/
 
 and a library that leaves matplotlib's backend alone."""
 
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"zoo": ROOT / "zoo", "zoo.training": ROOT / "training", "zoo.evaluation": ROOT / "evaluation"}
+PACKAGES = {"zoo": ROOT / "zoo", "zoo.training": ROOT / "training", "zoo.evaluation": ROOT / "evaluation",
+            "zoo.app": ROOT / "app"}
 SCRIPTS = ("examples", "benchmarks", "experiments")
 
 
@@ -43,27 +45,30 @@ def imports(path: Path, name: str | None = None) -> list[tuple[str, list[str]]]:
 
 
 def layer(module: str) -> str:
-    """``zoo.training`` and ``zoo.evaluation`` are layers of their own; the rest of ``zoo`` is the core."""
-    for upper in ("zoo.training", "zoo.evaluation"):
+    """``zoo.training``, ``zoo.evaluation`` and ``zoo.app`` are layers of their own; the rest of ``zoo`` is the core."""
+    for upper in ("zoo.training", "zoo.evaluation", "zoo.app"):
         if module == upper or module.startswith(upper + "."):
             return upper
     return "zoo" if module == "zoo" or module.startswith("zoo.") else "outside"
 
 
-ALLOWED = {"zoo": {"zoo"}, "zoo.training": {"zoo", "zoo.training"}, "zoo.evaluation": {"zoo", "zoo.evaluation"}}
+ALLOWED = {"zoo": {"zoo"}, "zoo.training": {"zoo", "zoo.training"}, "zoo.evaluation": {"zoo", "zoo.evaluation"},
+           "zoo.app": {"zoo", "zoo.evaluation", "zoo.app"}}
 
 
-def test_the_library_modules_are_the_files_of_its_three_folders():
-    expected = {"zoo", "zoo.metrics", "zoo.training.train", "zoo.evaluation.harness", "zoo.evaluation.metrics"}
+def test_the_library_modules_are_the_files_of_its_four_folders():
+    expected = {"zoo", "zoo.metrics", "zoo.training.train", "zoo.evaluation.harness", "zoo.evaluation.metrics",
+                "zoo.app.ui"}
     assert expected <= LIBRARY.keys()
     assert layer("zoo.training.train") == "zoo.training" and layer("zoo.models.cost") == "zoo"
     assert layer("zoo.evaluation") == "zoo.evaluation" and layer("zoology") == "outside"
+    assert layer("zoo.app.explorer") == "zoo.app"
 
 
 @pytest.mark.parametrize("name", sorted(LIBRARY))
 def test_library_imports_only_point_down(name):
-    """The core imports neither training nor evaluation; training and evaluation never import each other; no
-    library module imports a script folder (examples, benchmarks, experiments) or their modules."""
+    """The core imports neither training nor evaluation; training and evaluation never import each other, nor the
+    app; no library module imports a script folder (examples, benchmarks, experiments) or their modules."""
     script_modules = {path.stem for folder in SCRIPTS for path in (ROOT / folder).glob("*.py")}
     for module, _ in imports(LIBRARY[name], name):
         top = module.split(".")[0]
@@ -78,6 +83,22 @@ def public_names(module: str) -> set[str]:
     return set(getattr(loaded, "__all__", [name for name in vars(loaded) if not name.startswith("_")]))
 
 
+def private_names(module: str, names: list[str]) -> set[str]:
+    """Those of ``names`` taken from library ``module`` that it neither exports nor holds as a submodule."""
+    submodules = {name for name in names if f"{module}.{name}" in LIBRARY}
+    return set(names) - submodules - public_names(module) - {"*"}
+
+
+@pytest.mark.parametrize("name", sorted(name for name in LIBRARY if layer(name) == "zoo.app"))
+def test_the_app_uses_only_public_library_api(name):
+    """The explorer is a layer over the library's public API: from the layers below it takes only what their
+    modules export."""
+    for module, names in imports(LIBRARY[name], name):
+        if module in LIBRARY and layer(module) != "zoo.app":
+            private = private_names(module, names)
+            assert not private, f"{name} imports {sorted(private)} from {module}, which does not export them"
+
+
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for f in SCRIPTS for p in (ROOT / f).glob("*.py")))
 def test_scripts_use_only_public_library_api(path):
     """Examples, benchmarks and experiments take from the library only what its modules export, and experiments
@@ -87,8 +108,7 @@ def test_scripts_use_only_public_library_api(path):
     for module, names in imports(ROOT / path):
         assert module.split(".")[0] not in other_scripts | set(SCRIPTS), f"{path} imports {module}"
         if module in LIBRARY:
-            submodules = {name for name in names if f"{module}.{name}" in LIBRARY}
-            private = set(names) - submodules - public_names(module) - {"*"}
+            private = private_names(module, names)
             assert not private, f"{path} imports {sorted(private)} from {module}, which does not export them"
 
 

@@ -32,8 +32,8 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg, split_model_name_tag
 
-__all__ = ["CONFIG_FILE", "HUB_ORG", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "CheckpointError", "Weights",
-           "add_to_hf_cache", "checkpoint_mismatch", "hub_checkpoint", "hub_id", "load_model", "read_config",
+__all__ = ["CONFIG_FILE", "HF_HUB", "HUB_ORG", "LOCAL_DIR", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "CheckpointError",
+           "Weights", "add_to_hf_cache", "checkpoint_mismatch", "hub_checkpoint", "hub_id", "load_model", "read_config",
            "resolve_weights", "sha256", "verify_checkpoint"]
 
 HUB_ORG = os.environ.get("ZOO_HUB_ORG", "interpretable-zoo")
@@ -202,6 +202,7 @@ class Weights:
     model_args: dict = field(default_factory=dict)  # config.json's, but num_classes (the task decides it)
     pretrained_cfg: dict = field(default_factory=dict)  # config.json's or the tag's
     hub_repo: str | None = None  # the Hugging Face Hub repository they come from (a local folder or file: None)
+    label_names: tuple[str, ...] | None = None  # config.json's class names, one per output
 
     @property
     def data_cfg(self) -> dict:
@@ -218,7 +219,9 @@ class Weights:
 def _checkpoint(folder: Path, hub_repo: str | None = None) -> Weights:
     config = verify_checkpoint(folder)
     args = {key: value for key, value in config.get("model_args", {}).items() if key != "num_classes"}
-    return Weights(folder / WEIGHTS_FILE, config["architecture"], args, config.get("pretrained_cfg", {}), hub_repo)
+    names = config.get("label_names")
+    return Weights(folder / WEIGHTS_FILE, config["architecture"], args, config.get("pretrained_cfg", {}), hub_repo,
+                   tuple(names) if names else None)
 
 
 def _tagged(cfg, what: str) -> Weights:
@@ -288,7 +291,8 @@ def load_model(name: str, weights: str | Weights | None, num_classes: int, new_c
     timm's ``local-dir:`` and ``hf-hub:`` load a checkpoint, the model is built with its ``model_args`` where
     it is a ``name`` (``kwargs``, which go to ``timm.create_model``, win), and its pretrained config carries the
     weights' input size, interpolation, crop and mean/std.
-    The checkpoint's classifier is kept, so it must have ``num_classes`` outputs, unless ``new_classifier``
+    The checkpoint's classifier is kept, so it must have ``num_classes`` outputs (and its config's ``label_names``
+    are the model's ``pretrained_cfg["label_names"]``), unless ``new_classifier``
     (fine-tuning on another label set: timm leaves the classifier at its initialisation).
     """
     if weights is None:
@@ -297,6 +301,8 @@ def load_model(name: str, weights: str | Weights | None, num_classes: int, new_c
         weights = resolve_weights(name, weights)
     # any class count other than the checkpoint's makes timm drop its classifier
     overlay = {**weights.data_cfg, "file": str(weights.file), "num_classes": -1 if new_classifier else num_classes}
+    if weights.label_names and not new_classifier:  # as timm's own local-dir: and hf-hub: loading keeps them
+        overlay["label_names"] = list(weights.label_names)
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
                                  **weights.model_args_for(name, **kwargs))

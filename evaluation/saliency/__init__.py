@@ -13,6 +13,7 @@ from .core import (
     pixel_statistics,
     saliency_method,
 )
+from .tokens import has_patch_grid
 
-__all__ = ["METHODS", "Explainer", "check_options", "default_layer", "explain", "mask_images", "normalise_per_image",
-           "pixel_statistics", "saliency_method"]
+__all__ = ["METHODS", "Explainer", "check_options", "default_layer", "explain", "has_patch_grid", "mask_images",
+           "normalise_per_image", "pixel_statistics", "saliency_method"]

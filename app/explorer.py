@@ -25,7 +25,7 @@ from torchvision import tv_tensors
 import zoo
 from zoo.data import FASHION_MNIST_DEBIAN_DIR, FashionCanvas
 from zoo.data.transforms import eval_transform
-from zoo.evaluation.figures import grid, overlay
+from zoo.evaluation.figures import grid, overlay, pixels
 from zoo.evaluation.harness import measure
 from zoo.evaluation.metrics import PROBABILITIES, check_probabilities, target_probabilities
 from zoo.evaluation.saliency import METHODS, explain, has_patch_grid, normalise_per_image
@@ -217,15 +217,13 @@ def prepare(loaded: LoadedModel, image: Image.Image, box: Sequence[float] | None
         boxes = boxes.as_subclass(torch.Tensor)
         if ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) <= 0).all():
             raise AppError(f"the box {box_text(box)} lies outside the centre crop the model sees")
-    mean, std = (torch.tensor(loaded.data_config[key])[:, None, None] for key in ("mean", "std"))
-    pixels = (tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-    return Prepared(tensor[None], pixels, boxes)
+    return Prepared(tensor[None], pixels(tensor[None], loaded.data_config)[0].numpy(), boxes)
 
 
-def target_index(loaded: LoadedModel, choice: str | None, logits: torch.Tensor) -> int:
-    """The class explained: the prediction, or the class the user chose by name."""
+def target_index(loaded: LoadedModel, choice: str | None) -> int | None:
+    """The class the user chose by name, or None for the prediction."""
     if not choice or choice == PREDICTED:
-        return int(logits.argmax())
+        return None
     if choice not in loaded.classes:
         raise AppError(f"{choice!r} is not a class of {loaded.architecture}")
     return loaded.classes.index(choice)
@@ -264,15 +262,17 @@ def builtin_maps(loaded: LoadedModel, prepared: Prepared) -> list[tuple[str, tor
 class Explained:
     """Each method's map [H, W] and its scores on the image (per metric key, natural units) and curves."""
 
+    target: int  # the class explained
     maps: dict[str, torch.Tensor]
     scores: dict[str, dict[str, float]]
     curves: dict[str, tuple[list[float], list[float]]]  # insertion, deletion
 
 
-def explain_and_score(loaded: LoadedModel, prepared: Prepared, methods: Sequence[str], target: int,
+def explain_and_score(loaded: LoadedModel, prepared: Prepared, methods: Sequence[str], target: int | None,
                       iterations: int = 100, progress: Callable[[float, str], None] | None = None,
                       probabilities: str = "softmax") -> Explained:
-    """The maps of ``methods`` (and of the built-in saliency, when the model has one) for class ``target``, and
+    """The maps of ``methods`` (and of the built-in saliency, when the model has one) for class ``target`` (None:
+    the predicted class), and
     their scores: AD / AG / AI terms, insertion and deletion (released preset) with their curves, and the pointing
     game and its energy variant when the image has a box; the class probability is read as ``top_classes``
     reads it. ``progress(fraction, what)`` hears of every step."""
@@ -281,9 +281,10 @@ def explain_and_score(loaded: LoadedModel, prepared: Prepared, methods: Sequence
     if unknown:
         raise AppError(f"unknown saliency methods {', '.join(unknown)}")
     methods = ([BUILT_IN] if loaded.has_builtin_saliency else []) + [m for m in methods if m != BUILT_IN]
-    images, classes = prepared.images, torch.tensor([target])
+    images = prepared.images
     with torch.no_grad():
         logits = logits_of(loaded.model(images))
+    classes = logits.argmax(1) if target is None else torch.tensor([target])
     shared = {"p": target_probabilities(logits, classes, probabilities), "predictions": logits.argmax(1)}
     metrics = [METRICS[key] for key in SCORED]
     if prepared.box is not None:
@@ -305,7 +306,7 @@ def explain_and_score(loaded: LoadedModel, prepared: Prepared, methods: Sequence
         curves[method] = (inputs["curves"].insertion[0].tolist(), inputs["curves"].deletion[0].tolist())
     if progress:
         progress(1.0, "done")
-    return Explained(maps, scores, curves)
+    return Explained(int(classes[0]), maps, scores, curves)
 
 
 def label(method: str) -> str:

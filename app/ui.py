@@ -93,14 +93,12 @@ def explain_methods(name: str, random_weights: bool, image_path: str | None, box
                     progress=gr.Progress()):  # noqa: B008  (Gradio's convention)
     """The ticked methods' maps for the chosen class, their scores and their insertion / deletion curves."""
     loaded, prepared = _inputs(name, random_weights, image_path, box)
-    _, logits = top_classes(loaded, prepared)
-    cls = target_index(loaded, target, logits[0])
-    explained = explain_and_score(loaded, prepared, methods or [], cls, int(iterations),
+    explained = explain_and_score(loaded, prepared, methods or [], target_index(loaded, target), int(iterations),
                                   progress=lambda fraction, what: progress(fraction, desc=what),
                                   probabilities=probabilities)
     gallery = [(overlay_picture(prepared.pixels, heatmap, prepared.box), map_label(method))
                for method, heatmap in explained.maps.items()]
-    title = f"### Scores for class **{loaded.classes[cls]}**\n\n"
+    title = f"### Scores for class **{loaded.classes[explained.target]}**\n\n"
     return gallery, title + scores_table(explained), curves_figure(explained)
 
 

@@ -142,10 +142,10 @@ def test_top_classes_and_the_target(castream, canvas_image):
     assert sum(top.values()) == pytest.approx(1, abs=1e-5)
     sigmoid, _ = top_classes(castream, prepared, probabilities="sigmoid")  # a multi-label model's reading
     assert sigmoid == pytest.approx({name: torch.sigmoid(logits[0, i]).item() for i, name in enumerate(CLASSES)})
-    assert target_index(castream, PREDICTED, logits[0]) == int(logits.argmax())
-    assert target_index(castream, "bag", logits[0]) == 2
+    assert target_index(castream, PREDICTED) is None and target_index(castream, "bag") == 2
     with pytest.raises(AppError, match="'hat' is not a class"):
-        target_index(castream, "hat", logits[0])
+        target_index(castream, "hat")
+    assert explain_and_score(castream, prepared, [], None).target == int(logits.argmax())  # None: the prediction
 
 
 def test_builtin_maps_are_every_stage_of_a_castream_and_a_cifar_models_cam(castream, canvas_image):
@@ -188,6 +188,7 @@ def test_scores_and_curves_are_the_librarys_metrics_on_the_image(castream, canva
     explained = explain_and_score(castream, prepared, ["gradcam", "fakecam"], 1, iterations=3,
                                   progress=lambda fraction, what: seen.append((fraction, what)))
     assert list(explained.maps) == ["attention", "gradcam", "fakecam"]  # the built-in map is always scored
+    assert explained.target == 1
     assert [what.split(" ")[0] for _, what in seen] == ["attention", "gradcam", "fakecam", "done"]
     target = torch.tensor([1])
     with torch.no_grad():

@@ -3,14 +3,14 @@
     python benchmarks/insertion_deletion_speed.py [--quick] [--device cpu|cuda] [--out results/benchmark]
                                                   [--runs MODEL:PROTOCOL:IMAGES ...] [--batch-size B] [--rounds 2]
 
-For each run, both curves of the whole protocol for IMAGES images at 224 px: ours (every (image, step) pair
-built at once and sent through the model ``--batch-size`` at a time; default ``perturbation_curves``' own:
-8 on a CPU, 64 on a GPU) and a straightforward loop (one image and one step at a time, copying the next pixels
-into the current image, as RISE's code does), alternated over ``--rounds`` rounds in the same process (the
-fastest round of each is reported: the machine is shared), with the largest difference between their curves
-and scores. Beside them, the ceiling: how much faster the model's forwards alone run in batches than one
-image at a time on this device (the protocol fixes the number of forwards, so no implementation with the
-same scores can beat the loop by more than that).
+For each run, both curves of the whole protocol for IMAGES images at 224 px: ours (every (image, step) pair built
+at once and sent through the model ``--batch-size`` at a time; default ``perturbation_curves``' own: 8 on a CPU, on
+a GPU as many as half its free memory holds) and a straightforward loop (one image and one step at a time, copying
+the next pixels into the current image, as RISE's code does), alternated over ``--rounds`` rounds in the same
+process (the fastest round of each is reported: the machine is shared), with the largest difference between their
+curves and scores. Beside them, the ceiling: how much faster the model's forwards alone run in batches than one
+image at a time on this device (the protocol fixes the number of forwards, so no implementation with the same
+scores can beat the loop by more than that).
 
 Models are random-initialised timm models (no weights can be downloaded here); images are crops of a
 photograph shipped with matplotlib, maps their Grad-CAM maps, targets the predicted classes. The default runs
@@ -32,6 +32,7 @@ from measure import device_name, save_run, timed
 from zoo.data.photo import photo_crops
 from zoo.evaluation.metrics.curves import PROTOCOLS, area_under_curve, blur, perturbation_curves
 from zoo.evaluation.saliency import explain
+from zoo.evaluation.saliency.core import forward_batch
 
 FULL = ["resnet18:released:8", "resnet50:released:4", "resnet18:thesis:1"]
 QUICK = ["resnet18:released:2", "resnet18:thesis:1"]
@@ -72,10 +73,10 @@ def batching_ceiling(model, images, forwards, batch_size, rounds, device):
 
 
 def compare(arch, protocol_name, count, size, batch_size, rounds, device):
-    batch_size = batch_size or (8 if device.type == "cpu" else 64)  # perturbation_curves' own default
     torch.manual_seed(0)
     model = timm.create_model(arch).eval().to(device)
     images = photo_crops(model, count, size).to(device)
+    batch_size = batch_size or forward_batch(model, images[0], cpu=8)  # perturbation_curves' own default
     with torch.no_grad():
         targets = model(images).argmax(1)
     maps = explain(model, images, "gradcam", targets)
@@ -122,7 +123,8 @@ def main(argv=None):
     parser.add_argument("--runs", nargs="+", metavar="MODEL:PROTOCOL:IMAGES", default=None,
                         help=f"default: {' '.join(FULL)}")
     parser.add_argument("--size", type=int, default=224, help="image size in pixels")
-    parser.add_argument("--batch-size", type=int, default=None, help="our forward batch (default: 8 CPU, 64 GPU)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="our forward batch (default: perturbation_curves' own)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest is reported")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"))

@@ -8,7 +8,8 @@ a checkpoint's own model arguments and input size, interpolation, crop and mean/
 line says otherwise), the dataset and split (with ``--limit``, a fixed sample across it), preprocessing, the
 saliency methods and their options, which class is explained (ground truth by
 default, the prediction with ``--targets predicted``), how its probability is read from the logits (softmax,
-or on a multi-label dataset the sigmoid of its logit), the insertion/deletion preset. A run lives in
+or on a multi-label dataset the sigmoid of its logit), the insertion/deletion preset, the precision (``PRECISIONS``:
+on a GPU the fast path, bfloat16 autocast for the repeated forwards; ``--exact`` or a CPU: float32). A run lives in
 ``<out>/<protocol hash>/`` (the weights hashed by their content): every batch's per-image results are
 cached there, so an interrupted run continues where it stopped (a damaged cached batch is named and
 computed again), a different protocol never touches another's results, and several processes
@@ -20,6 +21,7 @@ method's option, an empty split) is refused before anything is written.
 import argparse
 import ast
 import hashlib
+import inspect
 import json
 import time
 from collections.abc import Callable
@@ -54,8 +56,27 @@ from .metrics import (
 )
 from .saliency import METHODS, check_options, explain, mask_images, pixel_statistics
 
+PRECISIONS = {  # how the harness runs the model; the fast path's maps and metrics agree with the exact path's within
+    # the tolerances tests/test_harness.py states
+    "float32": "the exact path: every pass through the model in float32, contiguous tensors",
+    "bfloat16": "the fast path: the repeated forwards (Score-CAM's masked images, Opti-CAM's iterations, "
+                "insertion/deletion's steps) under bfloat16 autocast and the model channels-last; the pass that "
+                "captures activations and gradients, the maps and the metrics stay float32",
+}
 BOX_BASELINES = ("box", "box_complement")  # thesis Table 2.5: the ground truth itself as a saliency map
 EXAMPLES = 6  # images shown per method in examples.png
+
+
+def default_precision(device: torch.device) -> str:
+    """``PRECISIONS``' fast path, "bfloat16", on a GPU that computes in it; the exact "float32" anywhere else (a
+    CPU's bfloat16 is slower than its float32 unless it has AMX or AVX-512 BF16)."""
+    fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return "bfloat16" if fast else "float32"
+
+
+def autocast_methods() -> list[str]:
+    """The saliency methods that take ``amp_dtype``: those whose repeated forwards the fast path autocasts."""
+    return sorted(name for name, fn in METHODS.items() if "amp_dtype" in inspect.signature(fn).parameters)
 
 
 def metric_groups() -> list[str]:
@@ -92,6 +113,7 @@ class Protocol:
     dataset_options: dict = field(default_factory=dict)  # passed to the dataset reader (e.g. a canvas's size)
     model_args: dict = field(default_factory=dict)  # timm.create_model's, over the checkpoint's (``run`` merges)
     weights_sha256: str | None = None  # of the safetensors file the weights resolve to; ``run`` fills it in
+    precision: str = "float32"  # "bfloat16": the fast path (``PRECISIONS``); "float32": the exact one
 
     def key(self) -> str:
         """The run's name: a hash of every field, with the weights' content (``weights_sha256``) where known in
@@ -99,13 +121,15 @@ class Protocol:
         groups resolve to, under which the cached batches hold per-image values in natural units: a metric added
         to a group, or a run cached before this convention, is another run. ``probabilities`` counts unless it is
         "softmax", what every run used before the field existed: those runs keep their names (and caches), a
-        sigmoid run is another run. A ``limit`` counts as a sample across the split: runs from when it took the
-        split's first images are other runs."""
+        sigmoid run is another run; likewise ``precision`` counts unless it is "float32". A ``limit`` counts as a
+        sample across the split: runs from when it took the split's first images are other runs."""
         fields = asdict(self)
         if self.weights_sha256 is not None:
             del fields["weights"]
         if self.probabilities == "softmax":
             del fields["probabilities"]
+        if self.precision == "float32":
+            del fields["precision"]
         if self.limit is not None:
             fields["limit"] = {"sample of": self.limit}
         fields["metric_keys"] = [metric.key for metric in METRICS.values() if metric.group in self.metrics]
@@ -166,12 +190,13 @@ def _check_finite(values: torch.Tensor, index: torch.Tensor, protocol: Protocol,
 
 def measure(model, images: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor, metrics: list[Metric],
             shared: dict, method: str | None = None, options: dict | None = None, curves: str = DEFAULT_PROTOCOL,
-            probabilities: str = "softmax") -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+            probabilities: str = "softmax", amp_dtype: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Per-explanation values of ``metrics`` (by key) for ``maps`` [N, H, W] of ``images`` [N, C, H, W] explaining
     ``classes``, and the inputs (``zoo.metrics.INPUTS``) computed for them. ``shared`` holds the inputs that do not
     depend on the maps (``p``, and ``labels``, ``predictions``, ``boxes`` where a metric needs them); only what
     the metrics need is computed: the masked images' probabilities ``o``, the maps of the masked images
-    (``method`` run again with ``options``), the insertion and deletion ``curves`` (a preset's name)."""
+    (``method`` run again with ``options``), the insertion and deletion ``curves`` (a preset's name; their forwards
+    under ``amp_dtype`` autocast if given)."""
     needs = {name for metric in metrics for name in metric.needs}
     inputs = {**shared, "maps": maps}
     if needs & {"o", "maps_of_masked"}:
@@ -182,7 +207,8 @@ def measure(model, images: torch.Tensor, maps: torch.Tensor, classes: torch.Tens
     if "maps_of_masked" in needs:
         inputs["maps_of_masked"] = explain(model, masked, method, classes, **(options or {}))
     if "curves" in needs:
-        inputs["curves"] = perturbation_curves(model, images, maps, classes, curves, probabilities=probabilities)
+        inputs["curves"] = perturbation_curves(model, images, maps, classes, curves, probabilities=probabilities,
+                                               amp_dtype=amp_dtype)
     return {metric.key: metric.values(inputs) for metric in metrics}, inputs
 
 
@@ -226,7 +252,7 @@ def evaluate_batch(model, images: torch.Tensor, target: dict, index: torch.Tenso
             maps = explain(model, explained, method, classes, **options)
         record[f"time/{method}"] = torch.tensor(time.perf_counter() - start)
         values, _ = measure(model, explained, maps, classes, metrics, shared, method, options, protocol.curves,
-                            protocol.probabilities)
+                            protocol.probabilities, None if protocol.precision == "float32" else protocol.precision)
         record.update({f"row/{method}/{key}": value for key, value in values.items()})
         if keep_examples:
             record[f"example/{method}"] = maps[:EXAMPLES]
@@ -339,7 +365,8 @@ def markdown(summary: dict, protocol: Protocol) -> str:
     recognition = ", ".join(f"{name} {value:.2f}" for name, value in summary["recognition"].items())
     lines = [f"# {protocol.model} on {protocol.dataset} ({protocol.split}, {summary['images']} images)", "",
              f"Recognition: {recognition}. Explained class: {protocol.targets}; its probability: "
-             f"{protocol.probabilities}; insertion/deletion preset: {protocol.curves}. Measured by this run "
+             f"{protocol.probabilities}; insertion/deletion preset: {protocol.curves}; precision: "
+             f"{protocol.precision} ({PRECISIONS[protocol.precision].partition(':')[0]}). Measured by this run "
              f"(interpretable-zoo harness), protocol {protocol.key()}."]
     for title, columns in result_tables().items():
         present = [(metric.key, metric.arrow) for metric in columns
@@ -376,7 +403,8 @@ def examples_figure(record: dict, methods: list[str], path: Path) -> None:
 def check_run(protocol: Protocol, dataset, workers: int) -> None:
     """Refuse, before anything is written, what would fail later or measure something else than asked: a limit or
     batch size below 1, negative workers, an empty split, metrics that need ground-truth boxes on a dataset
-    without, an unknown way to read probabilities, an unknown method, a method option outside its limits."""
+    without, an unknown way to read probabilities, an unknown precision, an unknown method, a method option outside
+    its limits."""
     for name, value, low in (("limit", protocol.limit, 1), ("batch_size", protocol.batch_size, 1),
                              ("workers", workers, 0)):
         if value is not None and value < low:
@@ -389,6 +417,8 @@ def check_run(protocol: Protocol, dataset, workers: int) -> None:
                          f"boxes, which the {', '.join(on_boxes)} metrics need: leave them out of --metrics")
     if protocol.probabilities is not None:
         check_probabilities(protocol.probabilities)
+    if protocol.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {protocol.precision!r}")
     for method in dict.fromkeys([*protocol.methods, *protocol.method_options]):
         if method not in BOX_BASELINES or method in protocol.method_options:
             check_options(method, protocol.method_options.get(method, {}))
@@ -470,7 +500,8 @@ def resolve(protocol: Protocol, dataset) -> tuple[Protocol, Weights | None]:
     ``probabilities`` where None from the dataset's labels (``dataset_probabilities``), ``weights_sha256`` where
     None the SHA-256 of their safetensors file, ``model_args`` over the checkpoint's own (where it is one of this
     model), ``data_config`` completed from the weights' pretrained config (input size, interpolation, crop,
-    mean/std), else the model's."""
+    mean/std), else the model's; on the fast path (``precision`` "bfloat16"), ``amp_dtype`` of every method that
+    takes one (``autocast_methods``) where its options do not set it, so that results.json says how each ran."""
     weights = None if protocol.weights is None else resolve_weights(protocol.model, protocol.weights)
     model_args = protocol.model_args if weights is None else weights.model_args_for(protocol.model,
                                                                                      **protocol.model_args)
@@ -482,6 +513,11 @@ def resolve(protocol: Protocol, dataset) -> tuple[Protocol, Weights | None]:
                        probabilities=protocol.probabilities or dataset_probabilities(dataset))
     if resolved.weights_sha256 is None and weights is not None:
         resolved = replace(resolved, weights_sha256=sha256(weights.file))
+    if protocol.precision != "float32":
+        options = {method: dict(values) for method, values in protocol.method_options.items()}
+        for method in (method for method in protocol.methods if method in autocast_methods()):
+            options.setdefault(method, {}).setdefault("amp_dtype", protocol.precision)
+        resolved = replace(resolved, method_options=options)
     return resolved, weights
 
 
@@ -503,6 +539,8 @@ def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, worker
     torch.manual_seed(protocol.seed)
     model = load_model(protocol.model, weights, protocol.num_classes, **protocol.model_args)  # as resolved
     model = model.to(accelerator.device).eval()
+    if protocol.precision != "float32":
+        model = model.to(memory_format=torch.channels_last)
     dataset.transforms = eval_transform(protocol.data_config)
     chosen = evaluated_indices(dataset, protocol.limit, protocol.seed)
     batches = [chosen[start:start + protocol.batch_size] for start in range(0, len(chosen), protocol.batch_size)]
@@ -603,12 +641,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img-size", type=_at_least(1), help="default: the weights' (their config.json's), else "
                                                               "the model's")
     parser.add_argument("--batch-size", type=_at_least(1), default=16)
-    parser.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes")
+    parser.add_argument("--workers", type=_at_least(0), help="DataLoader worker processes (default: 4 on a GPU, where "
+                                                             "decoding in the main process would hold it up; 0 on a "
+                                                             "CPU)")
     parser.add_argument("--out", type=Path, default=Path("results/eval"))
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")
+    parser.add_argument("--exact", action="store_true",
+                        help="the exact float32 path everywhere; without it, a GPU takes the fast path (bfloat16 "
+                             "autocast for the repeated forwards, channels-last), a CPU the exact one. results.json "
+                             "records which (protocol.precision)")
     args = parser.parse_args(argv)
 
     accelerator = Accelerator(cpu=args.cpu)
+    workers = args.workers if args.workers is not None else 4 if accelerator.device.type == "cuda" else 0
     reader = DATASETS[args.dataset]
     split = args.split or next(s for s in reader.splits if s != "train")
     dataset = build_dataset(args.dataset, args.data_root, split)
@@ -631,14 +676,15 @@ def main(argv: list[str] | None = None) -> None:
         methods=methods, method_options=options, metrics=metrics, targets=args.targets, curves=args.curves,
         probabilities=args.probabilities, batch_size=args.batch_size, model_args=dict(args.model_kwargs),
         data_config={} if args.img_size is None else dict(input_size=(3, args.img_size, args.img_size)),
+        precision="float32" if args.exact else default_precision(accelerator.device),
     )
     try:
-        check_run(protocol, dataset, args.workers)
+        check_run(protocol, dataset, workers)
     except ValueError as error:
         parser.error(str(error))
     if accelerator.is_main_process and without_boxes and args.metrics is None:
         print(f"{args.dataset} has no ground-truth boxes: {', '.join(without_boxes)} metrics are not computed")
-    run_dir = run(protocol, dataset, args.out, accelerator, args.workers)
+    run_dir = run(protocol, dataset, args.out, accelerator, workers)
     if accelerator.is_main_process:
         print((run_dir / "results.md").read_text())
         print(f"results in {run_dir}: results.json, results.md, examples.png")

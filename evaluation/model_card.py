@@ -473,7 +473,8 @@ def _protocol(item: Stored, info: ModelInfo) -> str:
             f"`{protocol['split']}` split, {results['images']} images{limit}, {results['explanations']} explanations "
             f"of the {protocol['targets']} class; {size} ({config['interpolation']}, crop "
             f"{config['crop_pct']}); methods {', '.join(protocol['methods'])}{options}; insertion/deletion preset "
-            f"`{protocol['curves']}`; weights `{protocol['weights']}`; {versions}.")
+            f"`{protocol['curves']}`; precision {protocol.get('precision', 'float32')}; weights "
+            f"`{protocol['weights']}`; {versions}.")
 
 
 def card_body(name: str, info: ModelInfo, model: torch.nn.Module, stored: list[Stored], repo_id: str,

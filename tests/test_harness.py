@@ -3,13 +3,19 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+import timm
+import torch
 from data_layouts import CubImage, make_cub, make_image_folder, make_voc
 from safetensors.torch import load_file
+from timm.models import save_for_hf
 
 from zoo.data import build_dataset
-from zoo.evaluation.harness import compare_main, comparison, main
+from zoo.data.photo import photo
+from zoo.evaluation import harness
+from zoo.evaluation.harness import Protocol, compare_main, comparison, main
 from zoo.training.train import subset
 
 CUB_TEST = tuple(CubImage(1 + i % 3, False, (8 + 4 * i, 8, 40, 30 + 2 * i)) for i in range(5))
@@ -187,3 +193,72 @@ def test_runs_compare_side_by_side(tmp_path, capsys):
     rows = [line for line in table.splitlines() if line.startswith("| gradcam")]
     assert rows == [f"| gradcam | {r['protocol']['model']} | {r['methods']['gradcam']['AD']:.2f} | "
                     f"{r['methods']['gradcam']['AG']:.2f} | {r['methods']['gradcam']['AI']:.2f} |" for r in (gap, ca)]
+
+
+def per_image(run_dir, key):
+    return torch.cat([load_file(path)[key] for path in sorted((run_dir / "batches").iterdir())])
+
+
+def test_a_float32_protocol_keeps_the_name_it_had_before_precision_was_recorded():
+    protocol = Protocol(model="resnet18", weights=None, num_classes=10, dataset="imagenet-folder", data_root="/data",
+                        split="val", limit=4, methods=["gradcam", "scorecam"],
+                        method_options={"scorecam": {"batch_size": 16}}, probabilities="softmax")
+    assert protocol.key() == "7de3fad47815"  # computed by the harness of commit 6ea4652, before the field existed
+    assert replace(protocol, precision="bfloat16").key() != protocol.key()
+
+
+def confident_checkpoint(folder, classes: int):
+    """A random ResNet-18 whose classifier is scaled up so that its probabilities spread as a trained model's do
+    (a random one's are all near 1 / classes, where AD and AG are zero on any path), saved as zoo-train exports."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=classes)
+    with torch.no_grad():
+        model.fc.weight *= 10
+    save_for_hf(model, folder, safe_serialization=True, model_config=dict(num_classes=classes))
+    return f"local-dir:{folder}"
+
+
+def photo_folder(root, classes: int = 2, per_class: int = 2):
+    """An ImageNet-style folder of distinct crops of a real photograph."""
+    picture = photo()
+    for index in range(classes * per_class):
+        path = root / "val" / f"class{index % classes}" / f"{index}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        left, top = 37 * index, 53 * index
+        picture.crop((left, top, left + 300, top + 300)).save(path, quality=90)
+    return root
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the GPU's fast path needs a GPU"))])
+def test_the_fast_path_agrees_with_the_exact_one_and_results_say_which_ran(tmp_path, monkeypatch, device):
+    photo_folder(tmp_path / "data")
+    args = ["resnet18", "--weights", confident_checkpoint(tmp_path / "model", 2), "--dataset", "imagenet-folder",
+            "--data-root", str(tmp_path / "data"), "--methods", "scorecam", "opticam", "--option",
+            "opticam.iterations=3", "--metrics", "faithfulness", "curves", "--limit", "2",
+            *(flag for flag in FAST if device == "cpu" or flag != "--cpu")]
+
+    def evaluate(folder, *flags):
+        main([*args, *flags, "--out", str(folder)])
+        (run_dir,) = folder.iterdir()
+        return run_dir, json.loads((run_dir / "results.json").read_text())
+
+    assert harness.default_precision(torch.device("cpu")) == "float32"
+    if device == "cpu":
+        monkeypatch.setattr(harness, "default_precision", lambda device: "bfloat16")  # what a GPU with bfloat16 gets
+    exact_dir, exact = evaluate(tmp_path / "exact", "--exact")  # --exact wins over the default
+    fast_dir, fast = evaluate(tmp_path / "fast")
+    assert (exact["protocol"]["precision"], fast["protocol"]["precision"]) == ("float32", "bfloat16")
+    assert fast["protocol"]["method_options"] == {"opticam": {"iterations": 3, "amp_dtype": "bfloat16"},
+                                                  "scorecam": {"amp_dtype": "bfloat16"}}
+    assert "precision: bfloat16 (the fast path)" in (fast_dir / "results.md").read_text()
+    # the tolerances PRECISIONS refers to (measured here, 2026-12-04: AD 3e-5, insertion/deletion 1.4e-3 at most)
+    assert (per_image(exact_dir, "row/scorecam/AD") > 0.01).all()  # confident: the drops compared are not zeros
+    for method in ("scorecam", "opticam"):
+        for key in ("AD", "AG", "AI", "I", "D"):
+            difference = per_image(fast_dir, f"row/{method}/{key}") - per_image(exact_dir, f"row/{method}/{key}")
+            assert difference.abs().max() <= 0.005, (method, key, difference)
+        maps = [load_file(folder / "batches" / "000000.safetensors")[f"example/{method}"] for folder in (exact_dir,
+                                                                                                        fast_dir)]
+        for exact_map, fast_map in zip(*maps, strict=True):
+            assert torch.corrcoef(torch.stack([exact_map.flatten(), fast_map.flatten()]))[0, 1] > 0.99

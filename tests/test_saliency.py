@@ -13,7 +13,8 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from zoo.data.photo import photo
-from zoo.evaluation.saliency import METHODS, default_layer, explain, normalise_per_image
+from zoo.evaluation.saliency import METHODS, default_layer, explain, normalise_per_image, opticam
+from zoo.evaluation.saliency.core import batch_from_memory, forward_batch
 from zoo.evaluation.saliency.opticam import mask_of
 
 SIZE = 96
@@ -307,3 +308,59 @@ def test_a_map_constant_up_to_rounding_normalises_to_zeros():
     assert mask_of(torch.tensor([[[0.0451]], [[3.0]]]), (32, 32), "range").eq(0).all()  # so is Opti-CAM's mask
     ramp = normalise_per_image(torch.tensor([[[0.0, 1.0]]]), (1, 4))
     torch.testing.assert_close(ramp, torch.tensor([[[0.0, 0.25, 0.75, 1.0]]]))
+
+
+def recorded_inputs(model, call):
+    """The inputs ``call()`` sends through ``model`` after its first forward (the capture), concatenated."""
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    try:
+        maps = call()
+    finally:
+        handle.remove()
+    return maps, torch.cat(seen[1:])
+
+
+def test_scorecam_pools_the_masks_of_the_whole_batch_in_each_images_own_order(resnet):
+    """One forward may hold the masked images of several images; each image still runs its distinct masks once,
+    in the order a call for that image alone runs them (48 px: layer4 is 2x2, so many channels share a mask).
+    test_methods_are_independent_of_the_batch compares the maps."""
+    images, targets = photo_batch(resnet, size=48, noise=1), torch.tensor([3, 500])
+    _, pooled = recorded_inputs(resnet, lambda: explain(resnet, images, "scorecam", targets, batch_size=7))
+    alone = [recorded_inputs(resnet, lambda i=i: explain(resnet, images[i:i + 1], "scorecam", targets[i:i + 1],
+                                                         batch_size=7))[1] for i in range(len(images))]
+    # same masks in the same order (up to the capture's rounding, which depends on the batch)
+    torch.testing.assert_close(pooled, torch.cat(alone), atol=1e-3, rtol=0)
+    assert len(alone[0]) < 512 and len(alone[1]) < 512  # deduplicated
+
+
+def test_opticam_checking_for_stopped_images_less_often_changes_nothing(resnet, monkeypatch):
+    """On a GPU the loop checks which images still run every 10 iterations (a check waits for the device); the
+    stopped images run in between but keep their weights, so the maps are those of a check every iteration."""
+    images, targets = photo_batch(resnet, size=64), torch.tensor([3, 17, 500])
+    options = dict(iterations=25, tolerance=5e-2)  # large enough that the images stop at different iterations
+    every_iteration = explain(resnet, images, "opticam", targets, **options)
+    monkeypatch.setitem(opticam.COMPACT_EVERY, "cpu", 10)
+    torch.testing.assert_close(explain(resnet, images, "opticam", targets, **options), every_iteration,
+                               atol=1e-5, rtol=1e-5)
+    never = explain(resnet, images, "opticam", targets, iterations=25, tolerance=0.0)
+    assert not torch.allclose(never, every_iteration, atol=1e-3)  # the tolerance did stop some images early
+
+
+def test_forward_batches_fill_half_the_free_memory_in_multiples_of_8():
+    assert batch_from_memory(free_bytes=1000, bytes_per_input=10) == 48  # 50 fit in half, rounded down to 8s
+    assert batch_from_memory(free_bytes=100, bytes_per_input=10) == 5  # under 8: as many as fit
+    assert batch_from_memory(free_bytes=10, bytes_per_input=100) == 1  # at least one
+    assert batch_from_memory(free_bytes=10**12, bytes_per_input=10, limit=64) == 64
+    model = nn.Conv2d(3, 4, 3)
+    assert forward_batch(model, torch.zeros(3, 8, 8), cpu=8) == 8  # a CPU: the given default
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's memory probe needs a GPU")
+def test_forward_batch_on_a_gpu_is_measured_once_and_fits():
+    model = timm.create_model("resnet18").cuda().eval()
+    example = torch.zeros(3, 224, 224, device="cuda")
+    batch = forward_batch(model, example, "bfloat16")
+    assert batch >= 8 and batch % 8 == 0 and forward_batch(model, example, "bfloat16") == batch
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(example.expand(batch, -1, -1, -1).contiguous())  # runs without running out of memory

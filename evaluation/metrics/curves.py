@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.evaluation.saliency.core import check_targets, evaluating
+from zoo.evaluation.saliency.core import autocast, check_targets, evaluating, forward_batch
 from zoo.metrics import Metric, register_metric
 from zoo.output import logits_of
 
@@ -169,8 +169,8 @@ def _check_inputs(images, maps, targets, batch_size, probabilities) -> torch.Ten
     if maps.shape[-2:] != images.shape[-2:]:
         raise ValueError(f"maps are {tuple(maps.shape[-2:])} but images are {tuple(images.shape[-2:])}: upsample "
                          "the maps to the image size first (e.g. zoo.evaluation.saliency.core.normalise_per_image)")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     check_probabilities(probabilities)
     return check_targets(targets, len(images), images.device)
 
@@ -192,25 +192,32 @@ def target_probabilities(logits: torch.Tensor, targets: torch.Tensor, probabilit
 
 def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, targets=None,
                         protocol: str | PerturbationProtocol = DEFAULT_PROTOCOL, batch_size: int | None = None,
-                        probabilities: str = "softmax") -> PerturbationCurves:
+                        probabilities: str = "softmax",
+                        amp_dtype: torch.dtype | str | None = None) -> PerturbationCurves:
     """Insertion and deletion curves [B, steps + 1] of the target class's probability.
 
     ``images``: the model's normalised input [B, C, H, W]; ``maps``: saliency [B, H, W] at the image size
     (any real values: only their order counts); ``targets``: one class per image (default: the class
     predicted on the image); ``probabilities``: ``"softmax"`` or, for a multi-label model, ``"sigmoid"``
     (``target_probabilities``). All (image, step) pairs are built on the images' device and sent through the
-    model ``batch_size`` at a time (default: 64 on a GPU, 8 on a CPU, where larger batches run slower),
-    under ``torch.no_grad``, in eval mode (the model's modes are restored).
+    model ``batch_size`` at a time (default: 8 on a CPU, where larger batches run slower, on a GPU as many as
+    its free memory holds: ``zoo.evaluation.saliency.core.forward_batch``), under ``torch.no_grad``, in eval mode
+    (the model's modes are restored), under autocast to ``amp_dtype`` if given (the probabilities are computed in
+    float32 from its logits).
     """
     protocol = _protocol(protocol)
-    if batch_size is None and isinstance(images, torch.Tensor):
-        batch_size = 8 if images.device.type == "cpu" else 64
     targets = _check_inputs(images, maps, targets, batch_size, probabilities)
     count, height, width = len(images), *images.shape[-2:]
     pixels = height * width
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        with autocast(inputs.device, amp_dtype):
+            return logits_of(model(inputs))
+
     with evaluating(model), torch.no_grad():
         images = images.detach()
-        logits = torch.cat([logits_of(model(images[i:i + batch_size])) for i in range(0, count, batch_size)])
+        batch_size = batch_size or forward_batch(model, images[0], amp_dtype, cpu=8)
+        logits = torch.cat([forward(images[i:i + batch_size]) for i in range(0, count, batch_size)])
         num_classes = logits.shape[1]
         if targets is None:
             targets = logits.argmax(1)
@@ -239,7 +246,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
             # insertion shows the image where perturbed (else the blur); deletion where not (else the value)
             keep_image = perturbed != deletes.view(-1, 1, 1, 1)
             elsewhere = torch.where(deletes.view(-1, 1, 1, 1), protocol.deletion_value, blurred[b])
-            logits = logits_of(model(torch.where(keep_image, images[b], elsewhere)))
+            logits = forward(torch.where(keep_image, images[b], elsewhere))
             points[rows] = target_probabilities(logits, targets[b], probabilities)
     points = points.view(count, 2, steps)
     insertion = torch.cat([points[:, 0], original[:, None]], 1)
@@ -259,9 +266,10 @@ def deletion_area(curves: PerturbationCurves) -> torch.Tensor:
 
 def insertion_deletion(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, targets=None,
                        protocol: str | PerturbationProtocol = DEFAULT_PROTOCOL, batch_size: int | None = None,
-                       probabilities: str = "softmax") -> InsertionDeletionScores:
+                       probabilities: str = "softmax",
+                       amp_dtype: torch.dtype | str | None = None) -> InsertionDeletionScores:
     """Insertion and deletion scores per image, [B] each, from ``perturbation_curves``."""
-    curves = perturbation_curves(model, images, maps, targets, protocol, batch_size, probabilities)
+    curves = perturbation_curves(model, images, maps, targets, protocol, batch_size, probabilities, amp_dtype)
     return InsertionDeletionScores(insertion_area(curves), deletion_area(curves))
 
 

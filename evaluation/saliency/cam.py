@@ -3,7 +3,7 @@ layer's feature maps; capture, upsampling and normalisation are the shared mecha
 
 import torch
 
-from .core import Explainer, Number, normalise_per_image, saliency_method, weighted_map
+from .core import Explainer, Number, forward_batch, normalise_per_image, saliency_method, weighted_map
 
 EPS = 1e-7
 
@@ -66,29 +66,33 @@ def _chunks(count: int, size: int):
 
 
 @saliency_method("scorecam", batch_size=Number(1, integer=True))
-def scorecam(ex: Explainer, batch_size: int = 32, amp_dtype: torch.dtype | str | None = None) -> torch.Tensor:
+def scorecam(ex: Explainer, batch_size: int | None = None, amp_dtype: torch.dtype | str | None = None) -> torch.Tensor:
     """Score-CAM (eq. 1.6-1.7): softmax over channels of the target logit of the image masked by each
     channel's upsampled, min-max normalised map. Channels of one image whose maps are equal after
-    min-max normalisation (all constant maps, for one) give the same mask: each mask is run once.
-    ``amp_dtype`` runs the masked images' forwards under autocast (the maps and masks stay in the model's
-    dtype)."""
-    amp = ex.autocast(amp_dtype)
+    min-max normalisation (all constant maps, for one) give the same mask: each mask is run once. The masked
+    images of all the batch's images go through the model ``batch_size`` at a time (default: 32 on a CPU, on a
+    GPU as many as its free memory holds: ``forward_batch``). ``amp_dtype`` runs those forwards under autocast
+    (the maps and masks stay in the model's dtype)."""
     capture = ex.capture()
     acts = capture.activations
     batch, channels, height, width = acts.shape
     flat = acts.flatten(2)
     low, high = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
     shapes = torch.where(high > low, (flat - low) / (high - low), 0.0)
+    # one sort for the whole batch: the image's index first, so each image keeps its own distinct masks, in the
+    # order torch.unique gives them for that image alone (in float64, which holds every index and value exactly)
+    image_of = torch.arange(batch, device=acts.device, dtype=torch.float64).repeat_interleave(channels)
+    unique, inverse = torch.unique(torch.cat([image_of[:, None], shapes.flatten(0, 1).double()], 1), dim=0,
+                                   return_inverse=True)
+    rows, masks = unique[:, 0].long(), unique[:, 1:].to(shapes.dtype).view(-1, height, width)
     size = ex.images.shape[-2:]
-    scores = torch.empty(batch, channels, dtype=acts.dtype, device=acts.device)
-    for b in range(batch):
-        unique, inverse = torch.unique(shapes[b], dim=0, return_inverse=True)
-        masks = unique.view(-1, height, width)
-        with amp:
-            unique_scores = [ex.logits(ex.images[b] * normalise_per_image(masks[part], size)[:, None])[:, ex.targets[b]]
-                             for part in _chunks(len(masks), batch_size)]
-        scores[b] = torch.cat(unique_scores)[inverse]
-    return weighted_map(acts, scores.softmax(1))
+    batch_size = batch_size or forward_batch(ex.model, ex.images[0], amp_dtype, cpu=32)
+    scores = torch.empty(len(masks), dtype=acts.dtype, device=acts.device)
+    with ex.autocast(amp_dtype):
+        for part in _chunks(len(masks), batch_size):
+            masked = ex.images[rows[part]] * normalise_per_image(masks[part], size)[:, None]
+            scores[part] = ex.score(ex.logits(masked), rows[part])
+    return weighted_map(acts, scores[inverse].view(batch, channels).softmax(1))
 
 
 @saliency_method("ablationcam", batch_size=Number(1, integer=True))

@@ -9,6 +9,7 @@ it returns a raw map ``[B, h, w]`` (at the layer's or the input's resolution) an
 
 import inspect
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from zoo.output import check_image_batch, logits_of, model_name
 
 from .tokens import has_patch_grid, layer_layout, patch_grid
 
-__all__ = ["METHODS", "Explainer", "Number", "OneOf", "check_options", "default_layer", "explain", "mask_images",
-           "min_max", "normalise_per_image", "pixel_statistics", "saliency_method"]
+__all__ = ["METHODS", "Explainer", "Number", "OneOf", "autocast", "batch_from_memory", "check_options", "default_layer",
+           "explain", "forward_batch", "mask_images", "min_max", "normalise_per_image", "pixel_statistics",
+           "saliency_method"]
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {}
 _ALIASES: dict[str, str] = {}
@@ -214,15 +216,8 @@ class Explainer:
         return _at_least_float32(logits_of(self.model(x)))
 
     def autocast(self, amp_dtype: torch.dtype | str | None) -> AbstractContextManager:
-        """``torch.autocast`` to ``amp_dtype`` (``bfloat16`` or ``float16``, a dtype or its name) on the
-        images' device, for the passes whose many forwards make a method's cost; None: the model's own dtype."""
-        if amp_dtype is None:
-            return nullcontext()
-        name = str(amp_dtype).removeprefix("torch.")
-        if name not in AMP_DTYPES:
-            raise ValueError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)} or None (no autocast), "
-                             f"got {amp_dtype!r}")
-        return torch.autocast(self.images.device.type, dtype=AMP_DTYPES[name])
+        """``autocast(images' device, amp_dtype)``, for the passes whose many forwards make a method's cost."""
+        return autocast(self.images.device, amp_dtype)
 
     def score(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Target logit of each row; ``rows`` maps rows to images when they are not one per image."""
@@ -291,6 +286,52 @@ class Explainer:
         finally:
             handle.remove()
 
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | str | None) -> AbstractContextManager:
+    """``torch.autocast`` to ``amp_dtype`` (``bfloat16`` or ``float16``, a dtype or its name) on ``device``;
+    None: no autocast (the model's own dtype)."""
+    if amp_dtype is None:
+        return nullcontext()
+    name = str(amp_dtype).removeprefix("torch.")
+    if name not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)} or None (no autocast), got {amp_dtype!r}")
+    return torch.autocast(device.type, dtype=AMP_DTYPES[name])
+
+
+MEMORY_SHARE = 0.5  # of the GPU's free memory that one forward's batch may take
+MAX_FORWARD_BATCH = 1024  # beyond it a GPU runs no faster per input
+_PROBE = 8  # inputs in the forward that measures the memory one input takes
+_BYTES_PER_INPUT: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def batch_from_memory(free_bytes: int, bytes_per_input: float, limit: int = MAX_FORWARD_BATCH) -> int:
+    """The largest batch whose inputs take at most ``MEMORY_SHARE`` of ``free_bytes``, a multiple of 8 when it is
+    8 or more (tensor cores work in tiles of 8), between 1 and ``limit``."""
+    batch = int(MEMORY_SHARE * free_bytes // max(bytes_per_input, 1.0))
+    return max(1, min(limit, batch if batch < 8 else batch // 8 * 8))
+
+
+def forward_batch(model: nn.Module, example: torch.Tensor, amp_dtype: torch.dtype | str | None = None,
+                  cpu: int = 8) -> int:
+    """How many inputs like ``example`` [C, H, W] one no-grad forward of ``model`` (under ``amp_dtype``
+    autocast) takes at a time: ``cpu`` on a CPU (where larger batches run no faster); on a GPU,
+    ``batch_from_memory`` of its free memory (what PyTorch's allocator holds unused included) and of the peak
+    memory per input of a probe forward of 8 inputs, measured once per model, input shape, dtype and autocast."""
+    device = example.device
+    if device.type != "cuda":
+        return cpu
+    key = (tuple(example.shape), example.dtype, str(amp_dtype))
+    measured = _BYTES_PER_INPUT.setdefault(model, {})
+    if key not in measured:
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad(), autocast(device, amp_dtype):
+            model(example.expand(_PROBE, *example.shape).contiguous())
+        measured[key] = (torch.cuda.max_memory_allocated(device) - before) / _PROBE
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return batch_from_memory(free, measured[key])
 
 
 def pixel_statistics(model: nn.Module, like: torch.Tensor, mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -515,7 +515,7 @@ def resolve(protocol: Protocol, dataset) -> tuple[Protocol, Weights | None]:
         resolved = replace(resolved, weights_sha256=sha256(weights.file))
     if protocol.precision != "float32":
         options = {method: dict(values) for method, values in protocol.method_options.items()}
-        for method in (method for method in protocol.methods if method in autocast_methods()):
+        for method in sorted(set(protocol.methods) & set(autocast_methods())):
             options.setdefault(method, {}).setdefault("amp_dtype", protocol.precision)
         resolved = replace(resolved, method_options=options)
     return resolved, weights

@@ -48,14 +48,11 @@ from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 from accelerate import Accelerator
-from matplotlib import cbook
 from matplotlib.figure import Figure
-from measure import device_name, save_run, timed
-from PIL import Image
+from measure import device_name, save_run, timed, write_photos
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -78,7 +75,6 @@ QUICK = dict(models=["resnet18", "vit_tiny_patch16_224"], size=32, images=2, bat
              photo_size=(80, 60), threads=1)
 METRIC_GROUPS = ["faithfulness", "curves"]  # AD / AG / AI and insertion / deletion
 CURVES = "released"
-PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")  # matplotlib's sample data
 
 # Thesis Tables 2.1 (ResNet-50) and 2.2 (ViT-B), T column: seconds per batch of 8 images, the method alone (without
 # the metrics), as the thesis reports them; never ours.
@@ -115,31 +111,6 @@ def projected_seconds(images_per_s: float, images: int = IMAGENET_VAL) -> float:
 def share_of_peak(flops_per_s: float, peak: float | None) -> float | None:
     """Achieved FLOP/s as a share of the peak; None where the peak is unknown."""
     return None if peak is None else flops_per_s / peak
-
-
-def write_photos(root: Path, size: tuple[int, int], seed: int = 0) -> None:
-    """An ImageNet-style folder ``root/val/c0000 .. c0999``, one JPEG (quality 90, ``size`` = width, height) per
-    class: a random crop (random scale and aspect ratio) of one of matplotlib's photographs, flipped at random.
-    Left as it is where ``root`` already holds the same."""
-    marker, recipe = root / "photos.json", dict(size=list(size), classes=CLASSES, seed=seed, photos=list(PHOTOS))
-    if marker.exists() and json.loads(marker.read_text()) == recipe:
-        return
-    photos = [Image.open(cbook.get_sample_data(name, asfileobj=False)).convert("RGB") for name in PHOTOS]
-    rng = np.random.default_rng(seed)
-    for label in range(CLASSES):
-        photo = photos[rng.integers(len(photos))]
-        area = photo.width * photo.height * rng.uniform(0.25, 1.0)
-        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        width = min(photo.width, round((area * aspect) ** 0.5))
-        height = min(photo.height, round((area / aspect) ** 0.5))
-        left, top = rng.integers(photo.width - width + 1), rng.integers(photo.height - height + 1)
-        crop = photo.crop((left, top, left + width, top + height)).resize(size, Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        folder = root / "val" / f"c{label:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        crop.save(folder / "0.jpg", quality=90)
-    marker.write_text(json.dumps(recipe))
 
 
 def model_args_for(model: str, size: int) -> dict:
@@ -225,12 +196,15 @@ def measure_runs(args, root: Path, device: torch.device) -> list[dict]:
 
 
 def loader_speed(args, root: Path, model: str, precision: str, device: torch.device) -> dict:
-    """Images/s of the harness's loader alone over every image of the folder, with ``model``'s preprocessing."""
+    """Images/s of the harness's loader alone over every image of the folder, with ``model``'s preprocessing,
+    decoded where the harness decodes by default (on a GPU, the GPU: ``zoo.data.device``)."""
+    from zoo.data.device import decoding_transforms  # here: the --against children import zoo from before it existed
+
     dataset = build_dataset("imagenet-folder", root, "val")
     resolved, _ = harness.resolve(protocol_for(args, root, model, args.methods[0], None, precision), dataset)
-    dataset.transforms = eval_transform(resolved.data_config)
+    dataset.transforms = decoding_transforms("auto", dataset, eval_transform(resolved.data_config), device)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.workers)
-    seconds, count = timed(lambda: sum(len(images) for images, _ in loader), device)
+    seconds, count = timed(lambda: sum(len(images.to(device)) for images, _ in loader), device)
     return dict(model=model, images=count, batch_size=args.batch_size, workers=args.workers,
                 images_per_s=count / seconds)
 
@@ -422,7 +396,7 @@ def main(argv=None):
 
     with nullcontext(args.data) if args.data else tempfile.TemporaryDirectory(prefix="photos-") as folder:
         root = Path(folder).resolve()
-        write_photos(root, QUICK["photo_size"] if args.quick else PHOTO_SIZE)
+        write_photos(root, "val", CLASSES, QUICK["photo_size"] if args.quick else PHOTO_SIZE)
         if args.child_json:
             print(f"zoo imported from {Path(zoo.__file__).parent}", flush=True)
             rows = measure_runs(args, root, device)

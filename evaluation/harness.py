@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data import DATASETS, build_dataset, collate, sample_indices
+from zoo.data.device import DECODERS, decoding_transforms
 from zoo.data.transforms import CONFIG_KEYS, eval_transform
 from zoo.hub import Weights, load_model, resolve_weights, sha256
 from zoo.metrics import METRICS, RECOGNITION, Metric, recognition, reported_value, tables
@@ -521,12 +522,16 @@ def resolve(protocol: Protocol, dataset) -> tuple[Protocol, Weights | None]:
     return resolved, weights
 
 
-def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, workers: int = 0) -> Path:
+def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, workers: int = 0,
+        decode: str = "auto") -> Path:
     """Evaluate every batch of ``dataset`` not cached yet (this process's share), then, on the main process,
     write the results. Returns the run's folder. Bad input is refused first (``check_run``), then the protocol is
-    completed (``resolve``) before the run's folder is named. The images are ``evaluated_indices``."""
+    completed (``resolve``) before the run's folder is named. The images are ``evaluated_indices``, decoded where
+    ``decode`` says (``zoo.data.device.decoding_transforms``; the results do not depend on it beyond the decoders'
+    rounding)."""
     check_run(protocol, dataset, workers)
     protocol, weights = resolve(protocol, dataset)
+    dataset.transforms = decoding_transforms(decode, dataset, eval_transform(protocol.data_config), accelerator.device)
     run_dir, main = out / protocol.key(), accelerator.is_main_process
     batches_dir = run_dir / "batches"
     if main:
@@ -541,7 +546,6 @@ def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, worker
     model = model.to(accelerator.device).eval()
     if protocol.precision != "float32":
         model = model.to(memory_format=torch.channels_last)
-    dataset.transforms = eval_transform(protocol.data_config)
     chosen = evaluated_indices(dataset, protocol.limit, protocol.seed)
     batches = [chosen[start:start + protocol.batch_size] for start in range(0, len(chosen), protocol.batch_size)]
     todo = [k for k in range(accelerator.process_index, len(batches), accelerator.num_processes)
@@ -644,6 +648,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=_at_least(0), help="DataLoader worker processes (default: 4 on a GPU, where "
                                                              "decoding in the main process would hold it up; 0 on a "
                                                              "CPU)")
+    parser.add_argument("--decode", choices=DECODERS, default="auto",
+                        help="where the images are decoded and preprocessed: in the workers, or on the device "
+                             "(JPEG files, nvJPEG on a GPU); auto: on a GPU, the device where it can (default)")
     parser.add_argument("--out", type=Path, default=Path("results/eval"))
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")
     parser.add_argument("--exact", action="store_true",
@@ -684,7 +691,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     if accelerator.is_main_process and without_boxes and args.metrics is None:
         print(f"{args.dataset} has no ground-truth boxes: {', '.join(without_boxes)} metrics are not computed")
-    run_dir = run(protocol, dataset, args.out, accelerator, workers)
+    run_dir = run(protocol, dataset, args.out, accelerator, workers, args.decode)
     if accelerator.is_main_process:
         print((run_dir / "results.md").read_text())
         print(f"results in {run_dir}: results.json, results.md, examples.png")

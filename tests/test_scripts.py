@@ -70,17 +70,21 @@ def test_saliency_benchmark_runs_side_by_side(tmp_path):
     assert json_file.with_suffix(".md").exists() and json_file.with_suffix(".png").exists()
 
 
-def test_training_benchmark_compares_stream_and_fine_tuning_steps(tmp_path):
-    argv = ["--models", "resnet18_castream", "--img-size", "32", "--batch", "2", "--rounds", "3",
-            "--workers", "0", "--loader-images", "4", "--device", "cpu", "--out", str(tmp_path)]
-    run_script("benchmarks/training_speed.py", argv)
+def test_training_benchmark_compares_steps_pipelines_and_fed_steps(tmp_path):
+    run_script("benchmarks/training_speed.py", ["--quick", "--out", str(tmp_path)])
     (json_file,) = tmp_path.glob("training_speed-*.json")
     result = json.loads(json_file.read_text())
     (row,) = result["steps"]
     assert row["trainable_stream"] == 439_808 and row["trainable_finetune"] == 11_689_512  # thesis: 0.44M, 11.69M
     assert row["speedup_q1"] <= row["speedup"] <= row["speedup_q3"] and row["stream_img_per_s"] > 0
-    assert [r["workers"] for r in result["loading"]] == [0] and result["loading"][0]["images"] == 4
-    assert json_file.with_suffix(".png").stat().st_size > 0
+    assert [(r["decode"], r["workers"]) for r in result["loading"]] == [("workers", 0), ("device", 0)]
+    assert all(r["images"] == 46 for r in result["loading"]), "8 photos listed 6 times: 24 batches, the first untimed"
+    assert [r["decode"] for r in result["fed"]] == ["workers", "device"]
+    for fed in result["fed"]:
+        assert fed["images"] == 46 and fed["img_per_s"] > 0 and fed["preloaded_img_per_s"] > 0
+        assert fed["ratio"] == pytest.approx(fed["img_per_s"] / fed["preloaded_img_per_s"])
+        assert fed["recipe_hours"] == pytest.approx(90 * 1_281_167 / fed["img_per_s"] / 3600)
+    assert json_file.with_suffix(".md").exists() and json_file.with_suffix(".png").stat().st_size > 0
 
 
 def test_gradient_denoising_benchmark_times_both_objectives(tmp_path):

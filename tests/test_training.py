@@ -197,7 +197,7 @@ class Numbers(torch.utils.data.Dataset):
 def test_val_limit_sets_the_validation_subset_on_its_own(tmp_path, limit, val_limit, sizes):
     recipe = stream_recipe(tmp_path, limit=limit, val_limit=val_limit)
     data_config = timm.data.resolve_data_config({}, model=timm.create_model("resnet10t"))
-    loaders = build_loaders(recipe, Numbers(40), Numbers(30), data_config, per_process_batch=4)
+    loaders = build_loaders(recipe, Numbers(40), Numbers(30), data_config, 4, torch.device("cpu"))
     assert tuple(len(loader.dataset) for loader in loaders) == sizes
     with pytest.raises(ValueError, match="val_limit must be at least 1"):
         stream_recipe(tmp_path, val_limit=0)
@@ -255,17 +255,18 @@ def test_voc_is_multi_label_with_binary_cross_entropy_and_map(tmp_path):
     assert 0 <= row["val_mAP"] <= 100 and "val_top1" not in row and "train_top1" not in row
 
 
-def _train_command(tmp_path, out: str) -> list[str]:
+def _train_command(tmp_path, out: str, decode: str) -> list[str]:
     return [sys.executable, "-m", "zoo.training.train", "castream_imagenet", "--model", "resnet18_castream",
-            "--set", f"model_args={json.dumps(SMALL_BACKBONE)}", "--weights", "none", "--data-root",
-            str(tmp_path / "data"), "--image-size", "32", "--workers", "0", "--batch-size", "4", "--epochs", "2",
-            "--checkpoint-every", "1", "--output-dir", str(tmp_path / out), "--cpu"]
+            "--set", f"model_args={json.dumps(SMALL_BACKBONE)}", "--set", f"decode={decode}", "--weights", "none",
+            "--data-root", str(tmp_path / "data"), "--image-size", "32", "--workers", "0", "--batch-size", "4",
+            "--epochs", "2", "--checkpoint-every", "1", "--output-dir", str(tmp_path / out), "--cpu"]
 
 
-def test_a_killed_run_resumes_mid_epoch_and_ends_with_the_uninterrupted_weights(tmp_path):
+@pytest.mark.parametrize("decode", ["workers", "device"])  # zoo.data.device: JPEGs decoded as batches move there
+def test_a_killed_run_resumes_mid_epoch_and_ends_with_the_uninterrupted_weights(tmp_path, decode):
     make_image_folder(tmp_path / "data", per_class=8)
-    subprocess.run(_train_command(tmp_path, "whole"), check=True, cwd=tmp_path, capture_output=True)
-    killed = subprocess.Popen(_train_command(tmp_path, "killed"), cwd=tmp_path, stdout=subprocess.DEVNULL,
+    subprocess.run(_train_command(tmp_path, "whole", decode), check=True, cwd=tmp_path, capture_output=True)
+    killed = subprocess.Popen(_train_command(tmp_path, "killed", decode), cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 300
@@ -275,7 +276,7 @@ def test_a_killed_run_resumes_mid_epoch_and_ends_with_the_uninterrupted_weights(
     killed.wait()
     assert json.loads((tmp_path / "killed" / "status.json").read_text())["state"] == "running", \
         "the run finished before it could be killed"
-    resumed = subprocess.run(_train_command(tmp_path, "killed"), check=True, cwd=tmp_path, capture_output=True,
+    resumed = subprocess.run(_train_command(tmp_path, "killed", decode), check=True, cwd=tmp_path, capture_output=True,
                              text=True)
     position = resumed.stdout[resumed.stdout.index("resumed from"):].split("\n")[0]
     assert "batch 0)" not in position, f"expected a resume in the middle of an epoch: {position}"

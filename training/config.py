@@ -17,6 +17,7 @@ import yaml
 from timm.optim import list_optimizers
 
 from zoo.data import DATASETS
+from zoo.data.device import DECODERS
 from zoo.data.transforms import AUGMENTATIONS
 
 from .gradient_denoising import ERRORS
@@ -92,6 +93,10 @@ class Recipe:
     image_size: int | None = None  # default: the model's data config
     data_config: dict = field(default_factory=dict)  # other overrides of it, e.g. {"crop_pct": 1.0}
     augmentation: str = "imagenet"
+    # where images are decoded and augmented: "workers" (the DataLoader's processes, on the CPU), "device" (JPEG files
+    # decoded and augmented on the training device, nvJPEG on a GPU), "auto" (device on a GPU when the dataset is read
+    # from image files and the augmentation can run there, workers otherwise); zoo.data.device.decoding_transforms
+    decode: str = "auto"
     objective: str = "classification"
     gd_error: str = "cosine"  # gradient denoising (thesis ch. 4): error function E, eq. 4.5-4.8
     gd_weight: float = 7.5e-3  # and lambda, eq. 4.4
@@ -126,6 +131,8 @@ class Recipe:
             problems.append(f"dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
         if self.augmentation not in AUGMENTATIONS:
             problems.append(f"augmentation {self.augmentation!r} is not one of {', '.join(AUGMENTATIONS)}")
+        if self.decode not in DECODERS:
+            problems.append(f"decode {self.decode!r} is not one of {', '.join(DECODERS)}")
         if self.objective not in OBJECTIVES:
             problems.append(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if self.mixed_precision not in PRECISIONS:

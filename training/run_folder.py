@@ -173,9 +173,9 @@ def is_finished(folder: Path | str) -> bool:
 
 def recipe_differences(stored: dict, recipe: dict) -> str:
     """What ``recipe`` changes from the ``stored`` one, "key: old -> new, ..."; empty when it is the same run (the
-    number of data workers and the folder do not make another run)."""
+    number of data workers, where images are decoded and the folder do not make another run)."""
     return ", ".join(f"{key}: {value!r} -> {recipe.get(key)!r}" for key, value in stored.items()
-                     if key not in ("workers", "output_dir") and recipe.get(key) != value)
+                     if key not in ("workers", "decode", "output_dir") and recipe.get(key) != value)
 
 
 def finished_model(recipe: Recipe) -> Path | None:

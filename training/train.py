@@ -24,6 +24,7 @@ working directory or a folder above it, never. Resuming loads only plain data (s
 import argparse
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from tqdm import tqdm
 
 import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data import build_dataset, collate, sample_indices
+from zoo.data.device import decoding_transforms
 from zoo.data.transforms import CONFIG_KEYS, eval_transform, train_transform
 from zoo.hub import CONFIG_FILE, load_model, resolve_weights, sha256
 from zoo.metrics import recognition
@@ -49,8 +51,11 @@ from .objectives import Classification, StepOutput, classification_loss, model_l
 from .optimiser import create_optimizer, create_schedule
 from .run_folder import MetricsLog, Progress, RunFolder, checkpoint_files, restore
 
-__all__ = ["Run", "SeededAugmentation", "build_datasets", "build_loaders", "build_model", "build_objective", "export",
-           "main", "run_record", "set_up", "starting_weights", "subset", "train", "train_one_epoch", "validate"]
+__all__ = ["Run", "SeededAugmentation", "build_datasets", "build_loaders", "build_model", "build_objective",
+           "export", "main", "run_record", "set_up", "starting_weights", "subset", "train",
+           "train_one_epoch", "validate"]
+
+POSTFIX_SECONDS = 1.0  # the progress bar's loss and lr, refreshed at most this often
 
 
 class SeededAugmentation(Dataset):
@@ -104,12 +109,15 @@ def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset, list[str]]:
     return train_set, val_set, list(train_set.classes)
 
 
-def build_loaders(recipe: Recipe, train_set, val_set, data_config: dict, per_process_batch: int):
-    """Training and validation loaders: transforms from ``data_config``; with ``limit`` (``val_limit`` for the
-    validation split), a fixed random subset of a split (drawn from the seed, so it spans the classes of a
-    dataset stored class by class)."""
-    train_set.transforms = train_transform(data_config, recipe.augmentation)
-    val_set.transforms = eval_transform(data_config)
+def build_loaders(recipe: Recipe, train_set, val_set, data_config: dict, per_process_batch: int,
+                  device: torch.device):
+    """Training and validation loaders: transforms from ``data_config``, run in the workers or, where
+    ``recipe.decode`` says so, on ``device`` as each batch moves there (``zoo.data.device``); with ``limit``
+    (``val_limit`` for the validation split), a fixed random subset of a split (drawn from the seed, so it spans the
+    classes of a dataset stored class by class)."""
+    for data, transforms in ((train_set, train_transform(data_config, recipe.augmentation)),
+                             (val_set, eval_transform(data_config))):
+        data.transforms = decoding_transforms(recipe.decode, data, transforms, device)
     val_limit = recipe.val_limit if recipe.val_limit is not None else recipe.limit
     if recipe.limit is not None:
         train_set = subset(train_set, recipe.limit, recipe.seed)
@@ -145,9 +153,13 @@ def validate(model, loader, accelerator: Accelerator) -> dict[str, float]:
     return metrics | {f"val_{key}": value for key, value in recognition(logits, labels).items()}
 
 
-def add_over_processes(accelerator: Accelerator, totals: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
-    """``totals`` plus ``sums`` added over all processes (each has the same keys)."""
-    added = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), reduction="sum")
+def add_over_processes(accelerator: Accelerator, totals: dict[str, float],
+                       sums: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """``totals`` plus ``sums`` (numbers, or scalars on the device) added over all processes (each has the same
+    keys)."""
+    values = torch.stack([torch.as_tensor(value, dtype=sum_dtype(accelerator.device), device=accelerator.device)
+                          for value in sums.values()])
+    added = accelerator.reduce(values, reduction="sum")
     return {key: totals.get(key, 0.0) + value for key, value in zip(sums, added.tolist(), strict=True)}
 
 
@@ -197,7 +209,8 @@ def set_up(recipe: Recipe, overwrite: bool = False, cpu: bool = False) -> Run:
     if recipe.image_size is not None:
         overrides["input_size"] = (3, recipe.image_size, recipe.image_size)
     data_config = resolve_data_config(overrides, model=model)
-    train_loader, val_loader = build_loaders(recipe, train_set, val_set, data_config, recipe.batch_size // share)
+    train_loader, val_loader = build_loaders(recipe, train_set, val_set, data_config, recipe.batch_size // share,
+                                             accelerator.device)
     optimizer = create_optimizer(recipe, model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     # stepped once per optimiser step of the global batch, so not handed to accelerator.prepare
@@ -219,12 +232,19 @@ def save_checkpoint(run: Run) -> None:
     run.folder.save_checkpoint(run.accelerator, run.progress.step, run.recipe.keep_checkpoints, files)
 
 
-def batch_sums(out: StepOutput, labels: torch.Tensor) -> dict[str, float]:
-    """A batch's images and its sums of the loss, of each logged term and (class indices) of correct answers."""
-    sums = {"images": len(labels), "loss": out.loss.item() * len(labels),
-            **{name: value.item() * len(labels) for name, value in out.terms.items()}}
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the training sums kept on ``device``: float64, or float32 on Apple's GPUs, which have none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def batch_sums(out: StepOutput, labels: torch.Tensor) -> dict[str, float | torch.Tensor]:
+    """A batch's images and its sums of the loss, of each logged term and (class indices) of correct answers, as
+    scalars left on the device (``sum_dtype``): reading them would make the host wait for the step."""
+    count, dtype = len(labels), sum_dtype(labels.device)
+    sums = {"images": count, "loss": out.loss.detach().to(dtype) * count,
+            **{name: value.detach().to(dtype) * count for name, value in out.terms.items()}}
     if labels.ndim == 1:
-        sums["correct"] = (out.logits.argmax(1) == labels).sum().item()
+        sums["correct"] = (out.logits.argmax(1) == labels).sum().to(dtype)
     return sums
 
 
@@ -239,6 +259,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     sums: dict[str, float] = {}  # over this process's images since the last checkpoint (then in progress.sums)
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{run.recipe.epochs}", initial=progress.batch, total=len(loader),
                disable=not accelerator.is_main_process)
+    shown = -math.inf
     for images, target in bar:
         labels = target["label"].to(accelerator.device)
         with accelerator.accumulate(run.model):
@@ -248,8 +269,10 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
             run.optimizer.zero_grad()
         progress.batch += 1
         sums = {key: sums.get(key, 0.0) + value for key, value in batch_sums(out, labels).items()}
-        bar.set_postfix({name: f"{value.item():.4f}" for name, value in out.terms.items()}
-                        | {"lr": f"{run.optimizer.param_groups[0]['lr']:.2e}"})
+        if time.monotonic() - shown >= POSTFIX_SECONDS:  # reading the terms waits for the step
+            bar.set_postfix({name: f"{value.item():.4f}" for name, value in out.terms.items()}
+                            | {"lr": f"{run.optimizer.param_groups[0]['lr']:.2e}"})
+            shown = time.monotonic()
         if accelerator.sync_gradients:  # an optimiser step of the global batch
             progress.step += 1
             run.scheduler.step_update(progress.step)

@@ -36,6 +36,11 @@ with their ``box_labels`` and ``difficult``; ``collate`` is the DataLoader's ``c
 preprocessing (``transforms.eval_transform``) clips boxes to its centre crop and drops none: a box wholly
 outside the crop stays, with zero area.
 
+Readers of image files (ImageNet folders, CUB, VOC) can leave decoding to the device that consumes the batches:
+after ``defer_decoding()`` they yield the files undecoded, ``device.DeviceTransforms`` (the same v2 transforms,
+the same random draws) takes the place of ``transforms``, and a batch's ``.to(device)`` decodes and transforms it
+there (nvJPEG on a GPU); ``device.decoding_transforms`` chooses between the two paths.
+
 An entry of a list file that names a file (CUB's images.txt, the image ids of VOC's ImageSets) must be a
 relative path of plain names whose file lies inside the dataset (``base.listed_path``); any other entry is
 refused when the reader is built, before any image is read, by a ValueError naming the file, line and entry.

@@ -11,13 +11,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2.functional import get_size
+from torchvision.transforms.v2.functional import get_size, pil_to_tensor
+
+from .device import EncodedBatch, EncodedImage
 
 Target = dict[str, Any]
-Sample = tuple[Image.Image | tv_tensors.Image, Target]
+Sample = tuple[Image.Image | tv_tensors.Image | EncodedImage, Target]
 PER_BOX_KEYS = ("box_labels", "difficult")
 PLAIN_NAME = "[A-Za-z0-9_-][A-Za-z0-9_.-]*"
 PLAIN_NAME_RULE = "letters, digits, '_', '-' and '.', not starting with '.'"
+JPEG_MODES = ("RGB", "L")  # the JPEGs a device decodes into RGB as PIL's convert("RGB") does
+END_OF_IMAGE = b"\xff\xd9"
 
 
 def open_image(path: Path) -> Image.Image:
@@ -30,12 +34,32 @@ def open_image(path: Path) -> Image.Image:
         raise OSError(f"could not decode the image {path}: {error}") from error
 
 
+def read_encoded(path: Path) -> EncodedImage:
+    """The file at ``path`` undecoded, for a device to decode (``zoo.data.device``), when it is a complete JPEG in
+    RGB or greyscale; any other file (a PNG named .JPEG, a CMYK JPEG, one cut short) decoded by ``open_image``."""
+    try:
+        with Image.open(path) as image:
+            fmt, mode, (width, height) = image.format, image.mode, image.size
+    except OSError as error:
+        raise OSError(f"could not decode the image {path}: {error}") from error
+    data = Path(path).read_bytes()
+    if fmt != "JPEG" or mode not in JPEG_MODES or END_OF_IMAGE not in data[-64:]:
+        pixels = pil_to_tensor(open_image(path))
+        return EncodedImage(str(path), pixels.shape[-2], pixels.shape[-1], pixels=pixels)
+    return EncodedImage(str(path), height, width, data=torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+def image_size(image: Image.Image | torch.Tensor | EncodedImage) -> tuple[int, int]:
+    """(height, width) of a decoded or an encoded image."""
+    return (image.height, image.width) if isinstance(image, EncodedImage) else tuple(get_size(image))
+
+
 def make_target(image, label, boxes=(), box_labels=(), difficult: Sequence[bool] | None = None) -> Target:
     """The target of ``image``: its label, its XYXY pixel boxes on the image's canvas and the class of each box."""
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     target = {
         "label": label,
-        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(get_size(image))),
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image_size(image)),
         "box_labels": torch.as_tensor(box_labels, dtype=torch.int64).reshape(-1),
     }
     if difficult is not None:
@@ -62,15 +86,17 @@ def sample_indices(count: int, size: int, seed: int) -> list[int]:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size].sort().values.tolist()
 
 
-def collate(batch: Sequence[Sample]) -> tuple[torch.Tensor, Target]:
+def collate(batch: Sequence[Sample]) -> tuple[torch.Tensor | EncodedBatch, Target]:
     """DataLoader ``collate_fn``: images [B, C, H, W] and labels stacked, the other entries kept as lists of B.
 
-    The transforms must turn images into tensors of one size (e.g. ``v2.ToImage()`` after a resize or crop).
+    The transforms must turn images into tensors of one size (e.g. ``v2.ToImage()`` after a resize or crop), or
+    be ``DeviceTransforms``: their images form an ``EncodedBatch``, which ``.to(device)`` decodes there.
     """
     images, targets = zip(*batch, strict=True)
     labels = torch.stack([torch.as_tensor(target["label"]) for target in targets])
     per_image = {key: [target[key] for target in targets] for key in targets[0] if key != "label"}
-    return torch.stack(images), {"label": labels, **per_image}
+    images = EncodedBatch(images) if isinstance(images[0], EncodedImage) else torch.stack(images)
+    return images, {"label": labels, **per_image}
 
 
 def per_box_entries(inputs: tuple[Any, Target]) -> tuple[torch.Tensor, ...]:
@@ -129,19 +155,35 @@ class ImageDataset(Dataset, ABC):
     """Base of every reader: checks the split and applies ``transforms`` jointly to the image and its target.
 
     A subclass sets ``splits``, ``layout`` (the expected files, for error messages) and ``classes``, and
-    implements ``__len__`` and ``load`` (the untransformed sample).
+    implements ``__len__`` and ``load`` (the untransformed sample). A reader of image files (``image_files``) opens
+    them with ``read_image``; ``defer_decoding()`` makes it yield them undecoded (``read_encoded``), for
+    ``zoo.data.device.DeviceTransforms``.
     """
 
     splits: tuple[str, ...] = ("train", "test")
     layout: str
     classes: Sequence[str]
     downloadable = False
+    image_files = False
 
     def __init__(self, split: str, transforms: Callable | None = None):
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r} for {type(self).__name__}: expected one of {self.splits}")
         self.split = split
         self.transforms = transforms
+        self.encoded = False
+
+    def read_image(self, path: Path) -> Image.Image | EncodedImage:
+        """The image file at ``path``: decoded (``open_image``), or undecoded after ``defer_decoding()``."""
+        return read_encoded(path) if self.encoded else open_image(path)
+
+    def defer_decoding(self, deferred: bool = True) -> None:
+        """Yield image files undecoded from now on (decoded again with ``deferred=False``); a reader that does not
+        read files refuses (ValueError)."""
+        if deferred and not self.image_files:
+            raise ValueError(f"{type(self).__name__} does not read image files: it cannot leave decoding to the "
+                             "device (decode in the workers)")
+        self.encoded = deferred
 
     @abstractmethod
     def __len__(self) -> int: ...

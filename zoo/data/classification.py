@@ -13,7 +13,7 @@ import numpy as np
 import torchvision.datasets as tvd
 from PIL import Image
 
-from .base import ImageDataset, Sample, make_target, open_image
+from .base import ImageDataset, Sample, make_target
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -40,11 +40,12 @@ class ImageFolderDataset(SourceDataset):
 
     splits = ("train", "val")
     layout = "<root>/{train,val}/<class folder>/<image>, one subfolder per class (e.g. ImageNet's wnids)"
+    image_files = True
 
     def __init__(self, root, split: str, transforms=None):
         super().__init__(split, transforms)
         self.require(Path(root))
-        self.source = tvd.ImageFolder(self.require(Path(root) / split), loader=open_image)
+        self.source = tvd.ImageFolder(self.require(Path(root) / split), loader=self.read_image)
 
 
 class TorchvisionDataset(SourceDataset):

@@ -3,9 +3,7 @@
 from pathlib import Path
 from typing import NamedTuple
 
-from torchvision.transforms.v2.functional import get_size
-
-from .base import ImageDataset, Line, Sample, check_boxes, listed_path, make_target, open_image, parse, read_table
+from .base import ImageDataset, Line, Sample, check_boxes, image_size, listed_path, make_target, parse, read_table
 
 
 class CubImage(NamedTuple):
@@ -26,6 +24,7 @@ class CUB200(ImageDataset):
     Every entry of images.txt must be ``<class folder>/<image>`` inside ``images`` (see ``listed_path``).
     """
 
+    image_files = True
     layout = (
         "<root>/CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, bounding_boxes.txt, "
         "classes.txt, images/<class folder>/<image>.jpg} (CUB_200_2011.tgz extracted in root)"
@@ -85,6 +84,6 @@ class CUB200(ImageDataset):
 
     def load(self, index: int) -> Sample:
         record = self.images[index]
-        image = open_image(self.require(record.path, record.listed_at))
-        check_boxes([record.box], get_size(image), [record.box_source])
+        image = self.read_image(self.require(record.path, record.listed_at))
+        check_boxes([record.box], image_size(image), [record.box_source])
         return image, make_target(image, record.label, [record.box], [record.label])

@@ -5,9 +5,8 @@ from typing import NamedTuple
 from xml.etree import ElementTree
 
 import torch
-from torchvision.transforms.v2.functional import get_size
 
-from .base import ImageDataset, Sample, check_boxes, listed_path, make_target, open_image, parse, read_table
+from .base import ImageDataset, Sample, check_boxes, image_size, listed_path, make_target, parse, read_table
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -73,6 +72,7 @@ class VOC2012(ImageDataset):
     """
 
     splits = ("train", "val", "trainval")
+    image_files = True
     layout = (
         "<root>/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, Annotations/<id>.xml, ImageSets/Main/<split>.txt} "
         "(VOCtrainval_11-May-2012.tar extracted in root)"
@@ -102,8 +102,8 @@ class VOC2012(ImageDataset):
         record = self.images[index]
         objects = read_annotation(self.require(record.annotation, record.listed_at))
         objects = [obj for obj in objects if self.keep_difficult or not obj.difficult]
-        image = open_image(self.require(record.image, record.listed_at))
-        check_boxes([obj.box for obj in objects], get_size(image), [obj.source for obj in objects])
+        image = self.read_image(self.require(record.image, record.listed_at))
+        check_boxes([obj.box for obj in objects], image_size(image), [obj.source for obj in objects])
         box_labels = torch.tensor([obj.label for obj in objects], dtype=torch.int64)
         label = torch.zeros(len(VOC_CLASSES)).index_fill_(0, box_labels, 1.0)
         boxes = [obj.box for obj in objects]

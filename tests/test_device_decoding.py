@@ -232,3 +232,17 @@ def test_the_harness_scores_the_same_images_decoded_on_the_device(tmp_path):
             values.pop("seconds_per_image")
     assert results["workers"]["methods"] == results["device"]["methods"]
     assert results["device"]["methods"]["box"]["SP"] == 100, "the boxes followed the image"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a GPU")
+def test_a_gpu_decodes_the_workers_samples_up_to_nvjpegs_rounding(tmp_path, decoder):
+    root = write_photos(tmp_path)
+    workers = ImageFolderDataset(root, "train", train_transform(CONFIG, "imagenet"))
+    device = on_device(ImageFolderDataset(root, "train", train_transform(CONFIG, "imagenet")))
+    samples = [drawn(device, index) for index in range(len(device))]
+    on_gpu = collate(samples)[0].to("cuda").cpu()
+    expected = torch.stack([drawn(workers, index)[0] for index in range(len(workers))])
+    difference = (on_gpu - expected).abs() * torch.tensor(CONFIG["std"]).view(3, 1, 1) * 255  # in grey levels
+    assert difference.mean() < 1.0 and difference.max() < 48, "nvJPEG and the GPU's resize round differently"
+    for index, (_, target) in enumerate(samples):
+        torch.testing.assert_close(target["boxes"], drawn(workers, index)[1]["boxes"], rtol=0, atol=0)

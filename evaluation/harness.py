@@ -646,8 +646,8 @@ def main(argv: list[str] | None = None) -> None:
                                                               "the model's")
     parser.add_argument("--batch-size", type=_at_least(1), default=16)
     parser.add_argument("--workers", type=_at_least(0), help="DataLoader worker processes (default: 4 on a GPU, where "
-                                                             "decoding in the main process would hold it up; 0 on a "
-                                                             "CPU)")
+                                                             "reading the files in the main process would hold it up; "
+                                                             "0 on a CPU)")
     parser.add_argument("--decode", choices=DECODERS, default="auto",
                         help="where the images are decoded and preprocessed: in the workers, or on the device "
                              "(JPEG files, nvJPEG on a GPU); auto: on a GPU, the device where it can (default)")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from data_layouts import CubImage, make_cub, make_fashion_mnist, make_image_folder, make_voc
 from PIL import Image
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -169,8 +170,6 @@ def _training(tmp_path, decode: str, out: str, *extra: str) -> list[str]:
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(folder / "model" / "model.safetensors")
 
 

@@ -1,5 +1,6 @@
 """The sample format shared by every reader, the readers' base class, and the DataLoader helpers."""
 
+import io
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -37,12 +38,12 @@ def open_image(path: Path) -> Image.Image:
 def read_encoded(path: Path) -> EncodedImage:
     """The file at ``path`` undecoded, for a device to decode (``zoo.data.device``), when it is a complete JPEG in
     RGB or greyscale; any other file (a PNG named .JPEG, a CMYK JPEG, one cut short) decoded by ``open_image``."""
+    data = Path(path).read_bytes()  # once: the header is parsed from these bytes
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             fmt, mode, (width, height) = image.format, image.mode, image.size
     except OSError as error:
         raise OSError(f"could not decode the image {path}: {error}") from error
-    data = Path(path).read_bytes()
     if fmt != "JPEG" or mode not in JPEG_MODES or END_OF_IMAGE not in data[-64:]:
         pixels = pil_to_tensor(open_image(path))
         return EncodedImage(str(path), pixels.shape[-2], pixels.shape[-1], pixels=pixels)

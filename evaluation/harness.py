@@ -48,10 +48,13 @@ from zoo.output import logits_of
 
 from .figures import grid, overlay, save, show
 from .metrics import (
+    COMPUTED_INPUTS,
     DEFAULT_PROTOCOL,
     PROBABILITIES,
     PROTOCOLS,
+    Explanations,
     check_probabilities,
+    explains_again,
     perturbation_curves,
     target_probabilities,
 )
@@ -80,9 +83,11 @@ def autocast_methods() -> list[str]:
     return sorted(name for name, fn in METHODS.items() if "amp_dtype" in inspect.signature(fn).parameters)
 
 
-def metric_groups() -> list[str]:
-    """The ``--metrics`` groups: those of the registry's interpretability metrics, in declaration order."""
-    return list(dict.fromkeys(metric.group for metric in METRICS.values() if metric.group != RECOGNITION))
+def metric_groups(by_default: bool = False) -> list[str]:
+    """The ``--metrics`` groups: those of the registry's interpretability metrics, in declaration order; with
+    ``by_default``, only those computed when ``--metrics`` is not given."""
+    return list(dict.fromkeys(metric.group for metric in METRICS.values()
+                              if metric.group != RECOGNITION and (metric.by_default or not by_default)))
 
 
 def box_groups() -> set[str]:
@@ -139,10 +144,10 @@ class Protocol:
 
 def measured(protocol: Protocol, method: str, multi_label: bool, num_classes: int) -> list[Metric]:
     """The metrics ``evaluate_batch`` computes for ``method``: those of the protocol's groups defined for the
-    dataset's labels, except, for a box baseline, those that explain the masked image again (a box cannot)."""
+    dataset's labels, except, for a box baseline, those that run the method again (a box cannot)."""
     return [metric for metric in METRICS.values() if metric.group in protocol.metrics
             and metric.applies(multi_label, num_classes)
-            and not (method in BOX_BASELINES and "maps_of_masked" in metric.needs)]
+            and not (method in BOX_BASELINES and explains_again(metric.needs))]
 
 
 def dataset_probabilities(dataset) -> str:
@@ -197,7 +202,7 @@ def measure(model, images: torch.Tensor, maps: torch.Tensor, classes: torch.Tens
     depend on the maps (``p``, and ``labels``, ``predictions``, ``boxes`` where a metric needs them); only what
     the metrics need is computed: the masked images' probabilities ``o``, the maps of the masked images
     (``method`` run again with ``options``), the insertion and deletion ``curves`` (a preset's name; their forwards
-    under ``amp_dtype`` autocast if given)."""
+    under ``amp_dtype`` autocast if given), and the inputs declared with their function (``COMPUTED_INPUTS``)."""
     needs = {name for metric in metrics for name in metric.needs}
     inputs = {**shared, "maps": maps}
     if needs & {"o", "maps_of_masked"}:
@@ -210,6 +215,10 @@ def measure(model, images: torch.Tensor, maps: torch.Tensor, classes: torch.Tens
     if "curves" in needs:
         inputs["curves"] = perturbation_curves(model, images, maps, classes, curves, probabilities=probabilities,
                                                amp_dtype=amp_dtype)
+    for name in sorted(needs & COMPUTED_INPUTS.keys()):
+        explained = Explanations(model, images, maps, classes, method, options or {}, probabilities, amp_dtype,
+                                 shared=inputs)
+        inputs[name] = COMPUTED_INPUTS[name].compute(explained)
     return {metric.key: metric.values(inputs) for metric in metrics}, inputs
 
 
@@ -268,7 +277,8 @@ def _concatenated(records: list[dict], prefix: str) -> dict[str, torch.Tensor]:
 def summarise(records: list[dict], protocol: Protocol) -> dict:
     """Dataset-level results from the per-batch records: every metric's ``reported_value``, as the thesis' tables
     print them. The groups measured on boxes (``box_groups``) leave out the explanations without a box inside the
-    crop: ``excluded_from_localisation`` counts them and names their images."""
+    crop: ``excluded_from_localisation`` counts them and names their images. A metric leaves out the rows it did not
+    measure (NaN), and is absent where it measured none."""
     images, rows = _concatenated(records, "image/"), _concatenated(records, "row/")
     localised = rows.get("localised")
     on_boxes = box_groups()
@@ -277,8 +287,12 @@ def summarise(records: list[dict], protocol: Protocol) -> dict:
         result = {}
         for metric in METRICS.values():
             values = rows.get(f"{method}/{metric.key}")
-            included = localised if metric.group in on_boxes else None
-            if values is not None and (included is None or included.any()):
+            if values is None:
+                continue
+            included = ~values.reshape(len(values), -1).isnan().any(1)  # NaN: an image the metric does not measure
+            if metric.group in on_boxes:
+                included &= localised
+            if included.any():
                 result[metric.key] = reported_value(metric, values, included)
         result["seconds_per_image"] = float(sum(record[f"time/{method}"] for record in records) / len(images["labels"]))
         methods[method] = result
@@ -632,7 +646,8 @@ def main(argv: list[str] | None = None) -> None:
                                                      f"ground-truth baselines {', '.join(BOX_BASELINES)}")
     parser.add_argument("--option", action="append", type=_option, default=[], metavar="METHOD.OPTION=VALUE")
     parser.add_argument("--metrics", nargs="+", choices=metric_groups(),
-                        help="groups of metrics (default: all those the dataset allows)")
+                        help="groups of metrics (default: the thesis' groups the dataset allows: "
+                             f"{', '.join(metric_groups(by_default=True))})")
     parser.add_argument("--targets", choices=("ground-truth", "predicted"), default="ground-truth")
     parser.add_argument("--curves", choices=sorted(PROTOCOLS), default=DEFAULT_PROTOCOL,
                         help="insertion/deletion preset (default: %(default)s)")
@@ -666,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = build_dataset(args.dataset, args.data_root, split)
     has_boxes = len(dataset) > 0 and len(dataset.load(0)[1]["boxes"]) > 0
     without_boxes = [] if has_boxes else [group for group in metric_groups() if group in box_groups()]
-    metrics = args.metrics or [group for group in metric_groups() if group not in without_boxes]
+    metrics = args.metrics or [group for group in metric_groups(by_default=True) if group not in without_boxes]
     methods = args.methods or ["gradcam", "gradcampp", "fakecam"]
     unknown = [m for m in methods if m not in METHODS and m not in BOX_BASELINES]
     if unknown:

@@ -135,6 +135,10 @@ FAMILIES = {  # model class -> (tag, what it is, what `saliency` is)
     zoo.CAStream: ("ca-stream", "A CA-Stream model (thesis ch. 3): a cross-attention stream beside the timm "
                    "backbone `{backbone}` pools its features in place of global average pooling.",
                    "the last stage's attention `[B, h, w]`, non-negative, summing to 1 per image; class-agnostic"),
+    zoo.SimPool: ("simpool", "A SimPool model (Psomas et al., ICCV 2023): timm's `SimPool2d` attention pooling "
+                  "replaces the global average pooling of the timm backbone `{backbone}`, a baseline for CA-Stream.",
+                  "SimPool's attention over the last stage's positions `[B, h, w]` (the heads' mean), non-negative, "
+                  "summing to 1 per image; class-agnostic"),
     zoo.CamClassifier: ("class-activation-map", "A CIFAR network with a built-in class activation map (thesis "
                         "ch. 4): GAP and a linear classifier after a stride-8 body.",
                         "the exact CAM of the predicted class `[B, h, w]` (its mean plus the bias is the logit)"),
@@ -260,8 +264,8 @@ class ModelInfo:
 
 
 def _backbone(model: torch.nn.Module) -> str:
-    """The timm architecture a zoo model is built on (a CA-Stream's backbone), or the model's own."""
-    return (model.backbone if isinstance(model, zoo.CAStream) else model).pretrained_cfg["architecture"]
+    """The timm architecture a zoo model is built on (a CA-Stream's or SimPool's backbone), or the model's own."""
+    return (model.backbone if isinstance(model, zoo.PooledBackbone) else model).pretrained_cfg["architecture"]
 
 
 def follows_thesis_protocol(item: "Stored", info: ModelInfo) -> bool:
@@ -481,7 +485,7 @@ def card_body(name: str, info: ModelInfo, model: torch.nn.Module, stored: list[S
               base_model: str | None) -> str:
     family = _family(model)
     _, description, saliency = FAMILIES[family]
-    backbone = model.backbone.pretrained_cfg["architecture"] if family is zoo.CAStream else info.architecture
+    backbone = _backbone(model) if issubclass(family, zoo.PooledBackbone) else info.architecture
     forward = ("logits = model(transform(image).unsqueeze(0))  # image: a PIL image" if saliency is None else
                "logits, saliency = model(transform(image).unsqueeze(0))  # image: a PIL image")
     explained = (f"`saliency`: {saliency}. Post-hoc maps" if saliency else "No built-in saliency: post-hoc maps")
@@ -544,7 +548,7 @@ def card_body(name: str, info: ModelInfo, model: torch.nn.Module, stored: list[S
     if not all(item.reported for item in stored):
         lines.insert(-1, f"- Results measured on fewer than {MIN_IMAGES} images are marked so in the tables and "
                          "left out of the metadata's model-index: too few images for a figure to report.")
-    if family is zoo.CAStream:
+    if issubclass(family, zoo.PooledBackbone):
         lines.insert(-1, "- The built-in attention is class-agnostic: every class of an image gets the same map, "
                          "which says less on multi-label images.")
     lines += ["## Citation", "", "```bibtex", BIBTEX, "```", ""]

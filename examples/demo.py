@@ -2,24 +2,28 @@
 
     python examples/demo.py [--out results/demo] [--quick] [--data FOLDER]
 
-Data -> GAP baseline -> CA-Stream -> gradient denoising -> evaluation -> model cards -> reload through timm
--> figures, on Fashion-MNIST (the Debian package ``dataset-fashion-mnist``, installed with apt when it is
+Data -> GAP baseline -> CA-Stream and SimPool -> gradient denoising -> evaluation -> model cards -> reload through
+timm -> figures, on Fashion-MNIST (the Debian package ``dataset-fashion-mnist``, installed with apt when it is
 missing and apt is at hand; torchvision's download otherwise):
 
 1. a ResNet-18 of quarter width with GAP (dilated last stage: output stride 16, so a 6x6 last map at 96 px) is
    trained from scratch on single-item canvases (``fashion-canvas``: an item among clutter, exact box), then a
    CA-Stream is trained on top of it, backbone frozen, with the training recipes' loop (``runs/gap`` and
    ``runs/castream`` in ``--out``; ``experiments/castream_attention.py`` retrains the latter's recipe at other
-   learning rates);
+   learning rates); SimPool (timm's ``SimPool2d``) is trained on the same frozen backbone with the same recipe
+   (``runs/simpool``);
 2. ``resnet18_cifar`` (quarter width) is trained on Fashion-MNIST at 32 px without and with gradient denoising
    (cosine, lambda 7.5e-3, thesis ch. 4);
 3. the harness evaluates each: accuracy; AD / AG / AI / insertion / deletion for Grad-CAM, Grad-CAM++,
    Score-CAM, Opti-CAM, Fake-CAM and the built-in saliency; on the canvases also the pointing games and box
-   metrics, against the chance level of a box of that size;
+   metrics, against the chance level of a box of that size, and the grid pointing game (2x2 grids of canvases);
+   the GAP model's Grad-CAM, guided backpropagation and gradient maps go through the randomisation sanity check
+   (MPRT, eMPRT);
 4. each checkpoint gets its Hub folder and model card (``zoo-publish --dry-run``), is loaded back with
    ``timm.create_model("local-dir:...", pretrained=True)`` and must give identical logits and saliency;
-5. ``summary.md`` / ``summary.json`` and the figures ``saliency_gap_vs_castream.png``,
-   ``saliency_baseline_vs_denoised.png`` and ``metrics.png`` are written into ``--out``.
+5. ``summary.md`` / ``summary.json`` (GAP, SimPool and CA-Stream side by side) and the figures
+   ``saliency_gap_vs_castream.png``, ``saliency_baseline_vs_denoised.png`` and ``metrics.png`` are written into
+   ``--out``.
 
 Every stage is resumable: a finished training run or evaluation in ``--out`` is reused, never redone or
 overwritten. ``--quick`` runs a much smaller version of the same pipeline (for the tests). The demo uses only the
@@ -81,6 +85,10 @@ GD_WEIGHT = 7.5e-3  # the thesis' lambda for ResNet-18 (Table 4.1)
 STREAM_LR = 1e-3
 SHOWN = 6  # images per figure
 CHARTED = ("AD", "AG", "I", "D")  # the metrics of metrics.png
+POOLINGS = {"gap": "GAP", "simpool": "SimPool", "castream": "CA-Stream"}  # the poolings compared on one backbone
+POSTHOC = ("AD", "AG", "I", "D", "GPG")  # the comparison's columns for Grad-CAM, then those of the built-in map
+BUILT_IN = ("SP", "EP", "GPG")
+SANITY_METHODS = ["gradcam", "guided_backprop", "gradient"]  # Adebayo et al.: the first should fail to stay alike
 
 
 def train_stage(out: Path, name: str, **settings) -> Path:
@@ -183,6 +191,33 @@ def localisation_bar(pointing: float, chance: float, images: int) -> dict:
     return {"SP": pointing, "chance": chance, "margin": margin, "images": images, "holds": pointing > chance + margin}
 
 
+def pooling_comparison(models: dict[str, dict]) -> dict[str, dict]:
+    """GAP, SimPool and CA-Stream on the same frozen backbone: accuracy, Grad-CAM's faithfulness and grid pointing
+    game (``POSTHOC``), the built-in map's localisation (``BUILT_IN``; GAP has none)."""
+    rows = {}
+    for name, label in POOLINGS.items():
+        methods = models[name]["methods"]
+        row = {"top1": models[name]["recognition"]["top1"],
+               **{f"Grad-CAM {key}": methods["gradcam"].get(key) for key in POSTHOC}}
+        row.update({f"built-in {key}": methods.get("attention", {}).get(key) for key in BUILT_IN})
+        rows[label] = row
+    return rows
+
+
+def sanity_check(results: Path) -> dict:
+    """The randomisation sanity check's results per method, and whether it separates Grad-CAM (its maps change
+    with the weights: lower MPRT similarity) from guided backpropagation (Adebayo et al. 2018)."""
+    methods = json.loads(results.read_text())["methods"]
+    keys = [metric.key for metric in METRICS.values() if metric.group == "sanity"]
+    values = {method: {key: methods[method][key] for key in keys} for method in SANITY_METHODS}
+    return {"results": str(results), "methods": values,
+            "separates": values["gradcam"]["MPRT"] < values["guided_backprop"]["MPRT"]}
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def markdown(summary: dict) -> str:
     lines = [f"# interpretable-zoo demo ({summary['scale']} run)", "",
              f"{summary['machine']}; {summary['minutes']:.1f} minutes. Every number below is copied from the "
@@ -205,6 +240,20 @@ def markdown(summary: dict) -> str:
               f"{bar['SP']:.2f} % of the {bar['images']} test canvases; clearly above chance means above "
               f"{bar['chance'] + bar['margin']:.2f} % (chance plus three standard errors of a chance-level hit rate): "
               f"{'**holds**' if bar['holds'] else '**does not hold**'}.", ""]
+    pooling = summary["pooling"]
+    columns = list(next(iter(pooling.values())))
+    lines += ["## Pooling on one frozen backbone: GAP, SimPool, CA-Stream", "",
+              "| pooling | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(_number(row[column]) for column in columns) + " |"
+              for label, row in pooling.items()]
+    sanity = summary["sanity_check"]
+    keys = list(next(iter(sanity["methods"].values())))
+    lines += ["", f"## Sanity check (model-parameter randomisation) of the GAP model's maps: `{sanity['results']}`",
+              "", "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {method} | " + " | ".join(_number(values[key]) for key in keys) + " |"
+              for method, values in sanity["methods"].items()]
+    lines += ["", f"Grad-CAM's maps {'change more' if sanity['separates'] else 'do NOT change more'} than guided "
+              "backpropagation's when the weights are randomised (MPRT: lower is more change).", ""]
     lines += ["Figures: " + ", ".join(f"`{name}`" for name in summary["figures"]), ""]
     return "\n".join(lines)
 
@@ -228,16 +277,22 @@ def main(argv: list[str] | None = None) -> None:
     stream = train_stage(out, "castream", model="resnet18_castream", model_args=GAP_BACKBONE, weights=str(gap),
                          freeze_backbone=True, epochs=scale.epochs_stream,
                          **{**canvas_settings(scale, root, canvas), "lr": STREAM_LR})
+    simpool = train_stage(out, "simpool", model="resnet18_simpool", model_args=GAP_BACKBONE, weights=str(gap),
+                          freeze_backbone=True, epochs=scale.epochs_stream,
+                          **{**canvas_settings(scale, root, canvas), "lr": STREAM_LR})
     cifar = dict(model="resnet18_cifar", model_args=CIFAR_WIDTHS, dataset=plain, data_root=root, val_split="test",
                  augmentation="cifar", epochs=scale.epochs_cifar, weight_decay=5e-4, objective="gradient_denoising",
                  **common_settings(scale))
     baseline = train_stage(out, "cifar_baseline", gd_weight=0.0, **cifar)
     denoised = train_stage(out, "cifar_denoised", gd_weight=GD_WEIGHT, **cifar)
 
-    canvas_metrics = ["faithfulness", "curves", "localisation"]
+    canvas_metrics = ["faithfulness", "curves", "localisation", "grid"]
     evaluated = {
         "gap": (gap, "fashion-canvas", canvas, CAM_METHODS, canvas_metrics,
                 "ResNet-18 (quarter width, output stride 16) with GAP, trained on the canvases"),
+        "simpool": (simpool, "fashion-canvas", canvas, [*CAM_METHODS, "attention"], canvas_metrics,
+                    "SimPool (timm's SimPool2d) in place of GAP on the frozen GAP model above, built-in saliency: "
+                    "its attention"),
         "castream": (stream, "fashion-canvas", canvas, [*CAM_METHODS, "attention"], canvas_metrics,
                      "CA-Stream on the frozen GAP model above, built-in saliency: the last stage's attention"),
         "cifar_baseline": (baseline, plain, {}, [*CAM_METHODS, "attention"], ["faithfulness", "curves"],
@@ -255,10 +310,14 @@ def main(argv: list[str] | None = None) -> None:
                                     for method, values in numbers["methods"].items()},
                         **publish_and_reload(out, model_dir, results, dataset, root, options)}
 
+    print("\n== sanity check of the GAP model's maps (model-parameter randomisation)")
+    sanity = evaluate_stage(out, gap, "fashion-canvas", root, canvas, scale, SANITY_METHODS, ["sanity"])
+
     print("\n== figures")
-    saliency_grid({"GAP: Grad-CAM": (gap, "gradcam"), "CA-Stream: Grad-CAM": (stream, "gradcam"),
-                   "CA-Stream: attention": (stream, "attention")}, "fashion-canvas", root, canvas,
-                  out / "saliency_gap_vs_castream.png", "GAP vs CA-Stream on test canvases (ground-truth box in green)")
+    saliency_grid({"GAP: Grad-CAM": (gap, "gradcam"), "SimPool: attention": (simpool, "attention"),
+                   "CA-Stream: Grad-CAM": (stream, "gradcam"), "CA-Stream: attention": (stream, "attention")},
+                  "fashion-canvas", root, canvas, out / "saliency_gap_vs_castream.png",
+                  "GAP, SimPool and CA-Stream on test canvases (ground-truth box in green)")
     saliency_grid({"baseline: Grad-CAM": (baseline, "gradcam"), "denoised: Grad-CAM": (denoised, "gradcam"),
                    "baseline: gradient": (baseline, "gradient"), "denoised: gradient": (denoised, "gradient")},
                   plain, root, {}, out / "saliency_baseline_vs_denoised.png",
@@ -270,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
                "minutes": (time.perf_counter() - start) / 60,
                "attention_localises": localisation_bar(models["castream"]["methods"]["attention"]["SP"], chance,
                                                        models["castream"]["images"]),
+               "pooling": pooling_comparison(models),
+               "sanity_check": sanity_check(sanity),
                "models": models,
                "figures": ["saliency_gap_vs_castream.png", "saliency_baseline_vs_denoised.png", "metrics.png"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -26,7 +26,8 @@ def test_registered_with_timm():
         assert name in timm.list_models("*castream")
         assert f"{name}.in1k" in zoo.list_models(pretrained=True)
     assert set(zoo.list_models("*_castream")) == set(timm.list_models("*_castream"))
-    assert set(zoo.list_models()) == set(timm.list_models("*_castream")) | {"resnet18_cifar", "mobilenetv2_cifar"}
+    families = set(timm.list_models("*_castream")) | set(timm.list_models("*_simpool"))
+    assert set(zoo.list_models()) == families | {"resnet18_cifar", "mobilenetv2_cifar"}
 
 
 @pytest.mark.parametrize("name", THESIS_MODELS)

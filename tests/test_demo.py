@@ -18,7 +18,7 @@ def test_quick_demo_runs_end_to_end_and_its_summary_copies_the_results(tmp_path)
     out = tmp_path / "demo"
     main(["--quick", "--out", str(out), "--data", str(tmp_path / "fashion-mnist")])
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["models"]) == {"gap", "castream", "cifar_baseline", "cifar_denoised"}
+    assert set(summary["models"]) == {"gap", "simpool", "castream", "cifar_baseline", "cifar_denoised"}
     for figure in summary["figures"]:
         assert (out / figure).stat().st_size > 0
     table = (out / "summary.md").read_text()
@@ -36,6 +36,18 @@ def test_quick_demo_runs_end_to_end_and_its_summary_copies_the_results(tmp_path)
         assert f"| gradcam | {gradcam['AD']:.2f} | {gradcam['AG']:.2f} |" in table, name
     assert "attention" in summary["models"]["castream"]["methods"]
     assert {"SP", "EP", "BA"} <= summary["models"]["castream"]["methods"]["attention"].keys()
+    for label, name in (("GAP", "gap"), ("SimPool", "simpool"), ("CA-Stream", "castream")):
+        row, methods = summary["pooling"][label], summary["models"][name]["methods"]
+        assert row["top1"] == summary["models"][name]["recognition"]["top1"]
+        assert row["Grad-CAM AD"] == methods["gradcam"]["AD"]
+        assert row["built-in SP"] == (methods["attention"]["SP"] if name != "gap" else None)
+    sanity = summary["sanity_check"]
+    measured = json.loads(Path(sanity["results"]).read_text())["methods"]
+    assert set(sanity["methods"]) == {"gradcam", "guided_backprop", "gradient"}
+    for method, values in sanity["methods"].items():
+        assert values == {key: measured[method][key] for key in ("MPRT", "MPRT-SSIM", "IMPRT", "IMPRT-SSIM", "eMPRT")}
+    assert sanity["separates"] == (measured["gradcam"]["MPRT"] < measured["guided_backprop"]["MPRT"])
+    assert f"| gradcam | {measured['gradcam']['MPRT']:.2f} |" in table
     bar = summary["attention_localises"]
     assert bar["SP"] == summary["models"]["castream"]["methods"]["attention"]["SP"] and 0 < bar["chance"] < 100
     assert f"points into the box on {bar['SP']:.2f} %" in table

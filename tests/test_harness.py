@@ -52,7 +52,7 @@ def test_cub_run_writes_every_result_with_its_protocol(tmp_path, capsys):
     assert methods["box_complement"]["LE"] > 50 and methods["box_complement"]["SP"] == 0
     table = (run_dir / "results.md").read_text()
     assert "| method | AD↓ | AG↑ | AI↑ | I↑ | D↓ | ADCC↑ | s/image |" in table
-    assert "| method | OM↓ | LE↓ | F1↑ | BA↑ | SP↑ | EP↑ | SM↓ | s/image |" in table
+    assert "| method | OM↓ | LE↓ | F1↑ | BA↑ | SP↑ | EP↑ | SM↓ | RRA↑ | s/image |" in table
     assert (run_dir / "examples.png").stat().st_size > 0
     assert json.loads((run_dir / "protocol.json").read_text()) == results["protocol"]
     assert str(run_dir) in capsys.readouterr().out

@@ -73,10 +73,13 @@ def test_a_metric_added_to_a_group_makes_its_runs_new_ones(with_coverage, monkey
 def test_the_tables_keep_the_thesis_layout():
     assert {title: [metric.key for metric in columns] for title, columns in tables().items()} == {
         "recognition": ["top1", "top5", "mAP"],
-        "faithfulness": ["AD", "AG", "AI", "I", "D", "ADCC"],
-        "localisation": ["OM", "LE", "F1", "BA", "SP", "EP", "SM"],
+        "faithfulness": ["AD", "AG", "AI", "I", "D", "ADCC", "ROAD-MoRF", "ROAD-LeRF", "ROAD", "ARCC"],
+        "localisation": ["OM", "LE", "F1", "BA", "SP", "EP", "SM", "RRA", "GPG"],
+        "sanity": ["MPRT", "MPRT-SSIM", "IMPRT", "IMPRT-SSIM", "eMPRT"],
     }
-    assert harness.metric_groups() == ["faithfulness", "curves", "adcc", "localisation"]
+    assert harness.metric_groups() == ["faithfulness", "curves", "adcc", "road", "localisation", "grid", "sanity"]
+    # the thesis' groups by default; ROAD, the grid pointing game and the sanity checks when asked (costly)
+    assert harness.metric_groups(by_default=True) == ["faithfulness", "curves", "adcc", "localisation"]
     assert harness.box_groups() == {"localisation"}
 
 

@@ -83,7 +83,7 @@ class Recipe:
     # org/name, a .safetensors file); None or "none": random
     weights: str | None = None
     new_classifier: bool = False  # the weights' classifier is replaced (fine-tuning on another label set)
-    freeze_backbone: bool = False  # CA-Stream: train the stream only (thesis §3.3)
+    freeze_backbone: bool = False  # CA-Stream, SimPool: train the pooling only (thesis §3.3)
     # of the weights the run exports; default: the one the starting weights' config.json records, apache-2.0 (the
     # project's) from a random initialisation, "unknown" from weights that record none
     license: str | None = None

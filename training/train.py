@@ -84,7 +84,8 @@ def build_objective(recipe: Recipe) -> Classification | GradientDenoising:
 
 
 def build_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
-    """The recipe's model with its initial weights; with ``freeze_backbone`` only the stream trains."""
+    """The recipe's model with its initial weights; with ``freeze_backbone`` only the pooling (a CA-Stream's
+    stream, SimPool) trains."""
     declared = recipe.model_args.get("num_classes")
     if declared is not None and declared != num_classes:
         raise ValueError(f"recipe {recipe.name!r} sets num_classes={declared} but {recipe.dataset} has "
@@ -94,7 +95,7 @@ def build_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
     if recipe.freeze_backbone:
         if not hasattr(model, "freeze_backbone"):
             raise ValueError(f"freeze_backbone: {recipe.model} has no separate backbone to freeze (a CA-Stream "
-                             "model has)")
+                             "or SimPool model has)")
         model.freeze_backbone()
     return model
 

@@ -11,15 +11,20 @@ from .models import (
     CrossAttentionBlock,
     CrossAttentionStream,
     MobileNetV2Cifar,
+    PooledBackbone,
+    PoolOutput,
     ResNetCifar,
+    SimPool,
     StreamOutput,
+    simpool_attention,
 )
 from .output import ModelOutput
 
 __all__ = ["CAStream", "CamClassifier", "CrossAttentionBlock", "CrossAttentionStream", "MobileNetV2Cifar",
-           "ModelOutput", "ResNetCifar", "StreamOutput", "list_models"]
+           "ModelOutput", "PoolOutput", "PooledBackbone", "ResNetCifar", "SimPool", "StreamOutput", "list_models",
+           "simpool_attention"]
 
-_MODULES = ("castream", "cifar")
+_MODULES = ("castream", "cifar", "simpool")
 
 
 def list_models(pattern: str = "", pretrained: bool = False) -> list[str]:

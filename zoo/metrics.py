@@ -8,8 +8,9 @@ importing that package registers them (as ``import zoo`` registers the models wi
 
 **Units.** A metric's per-image function returns one value per image (per explanation) in natural units: a fraction
 in [0, 1] where the thesis reports a percentage (``percent=True``), a plain number otherwise (the saliency metric, a
-log ratio). ``reported_value`` is the one place where they become the reported number: the metric's reduction over
-the images (their mean unless declared otherwise), times 100 for a percentage.
+log ratio); NaN for an image it does not measure (one placed in no grid), which the harness leaves out.
+``reported_value`` is the one place where they become the reported number: the metric's reduction over the images
+(their mean unless declared otherwise), times 100 for a percentage.
 
 **Recognition** from classifier ``scores`` [N, C] (logits or probabilities: only their order matters):
 
@@ -69,6 +70,7 @@ class Metric:
     only_for: str | None = None  # "single-label" or "multi-label"; None: any dataset
     min_classes: int = 1  # defined with at least this many classes (top-5)
     reduce: Callable[[torch.Tensor], torch.Tensor] = mean  # per-image values -> the dataset's value
+    by_default: bool = True  # computed when ``zoo-eval --metrics`` is not given (False: a costly, opt-in group)
 
     def __post_init__(self):
         unknown = [name for name in self.needs if name not in INPUTS]

@@ -15,7 +15,7 @@ Conventions (all functions):
 - IoU is that of the boxes as rectangles (``torchvision.ops.box_iou``), i.e. of their pixel sets for integer
   boxes such as B_p.
 - Per-image values are returned, as fractions where the thesis uses percentages (OM, LE, precision / EP,
-  recall, F1, BoxAcc hits, SP); the Saliency Metric is a plain number. The thesis' figures are their means (BoxAcc:
+  recall, F1, BoxAcc hits, SP; RRA); the Saliency Metric is a plain number. The thesis' figures are their means (BoxAcc:
   ``max_box_accuracy``), in percent (``zoo.metrics.reported_value``).
 """
 
@@ -41,6 +41,7 @@ __all__ = [
     "pixel_recall",
     "pointing_game",
     "predicted_boxes",
+    "relevance_rank_accuracy",
     "saliency_metric",
 ]
 
@@ -286,3 +287,28 @@ register_metric(Metric(key="EP", name="energy pointing game", index_type="energy
 register_metric(Metric(key="SM", name="saliency metric", index_type="saliency_metric", higher_is_better=False,
                        per_image=saliency_metric, needs=("maps", "p"), table="localisation", group="localisation",
                        percent=False))
+
+
+def relevance_rank_accuracy(maps: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """RRA = |P_K & U| / K per image, with U the union of the boxes (the pixels whose centre lies in one), K = |U| and
+    P_K the K pixels of highest saliency (Arras et al. 2022, "CLEVR-XAI", Information Fusion 81: relevance rank
+    accuracy; their relevance mass accuracy is P, i.e. EP, for maps in [0, 1]). Ties at the K-th highest value: the
+    tied pixels share the places left after the higher ones, each counted (K - #higher) / #tied, the mean over every
+    order of the ties; so a constant map scores K / (H W). Quantus' ``RelevanceRankAccuracy`` takes numpy's argsort
+    order among ties instead."""
+    gt, valid = _gt_boxes(boxes, maps)
+    union = _near_boxes(gt, valid, *maps.shape[1:]).flatten(1)
+    size = union.sum(1, keepdim=True)
+    if not (size > 0).all():
+        raise ValueError("boxes of some image cover no pixel centre")
+    flat = maps.flatten(1)
+    kth = flat.sort(1, descending=True).values.gather(1, size - 1)
+    higher, tied = flat > kth, flat == kth
+    places = (size - higher.sum(1, keepdim=True)).to(maps.dtype) / tied.sum(1, keepdim=True)  # per tied pixel
+    hits = (higher & union).sum(1, keepdim=True) + (tied & union).sum(1, keepdim=True) * places
+    return (hits / size).squeeze(1)
+
+
+register_metric(Metric(key="RRA", name="relevance rank accuracy", index_type="relevance_rank_accuracy",
+                       higher_is_better=True, per_image=relevance_rank_accuracy, needs=("maps", "boxes"),
+                       table="localisation", group="localisation"))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
-from zoo import CAStream
+from zoo import PooledBackbone
 from zoo.output import check_image_batch, logits_of, model_name
 
 from .tokens import has_patch_grid, layer_layout, patch_grid
@@ -102,15 +102,16 @@ def check_options(method: str, options: dict) -> None:
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
-    """The network whose layers are explained: a CA-Stream model's backbone, any other model itself."""
-    return model.backbone if isinstance(model, CAStream) else model
+    """The network whose layers are explained: a pooling model's backbone (CA-Stream, SimPool), any other model
+    itself."""
+    return model.backbone if isinstance(model, PooledBackbone) else model
 
 
 def default_layer(model: nn.Module) -> nn.Module:
     """The layer CAM methods explain by default (thesis §2.5.1): a ResNet's last block, a ViT / DeiT's last
     block's first norm (``blocks[-1].norm1``), a VGG's last convolution before the last max-pool (its
     rectified output), a ConvNeXt's or MambaOut's last stage, any other timm model's last feature stage
-    (``feature_info``: Swin's last stage, Hiera's last block); for a CA-Stream model, that layer of its
+    (``feature_info``: Swin's last stage, Hiera's last block); for a CA-Stream or SimPool model, that layer of its
     backbone."""
     net = backbone_of(model)
     if hasattr(net, "layer4"):  # timm and torchvision ResNets
@@ -129,7 +130,7 @@ def default_layer(model: nn.Module) -> nn.Module:
 
 
 def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:
-    """The module ``layer`` names: itself, a dotted name in ``model`` or, for a CA-Stream model, one in its
+    """The module ``layer`` names: itself, a dotted name in ``model`` or, for a CA-Stream or SimPool model, one in its
     backbone (``layer3.1`` as for the plain timm network, where ``model`` has none of that name)."""
     if layer is None:
         return default_layer(model)
@@ -246,7 +247,7 @@ class Explainer:
         """One forward pass that records the layer's output as maps [B, K, h, w] (patch tokens put on
         their grid) and, if asked, the target logits' gradient with respect to it. The output is replaced
         by a detached leaf, so the backward pass only runs through the network above the layer
-        (gradients still flow through a CA-Stream)."""
+        (gradients still flow through a CA-Stream or SimPool)."""
         seen = {}
 
         def hook(module, inputs, output):
@@ -414,7 +415,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str, targets=None, l
     """Saliency maps ``[B, H, W]`` in [0, 1] of ``method`` for ``targets`` (default: predicted classes), float32
     (float64 for a float64 model).
 
-    ``layer`` (a module or its dotted name; on a CA-Stream model also one in its backbone) is the layer CAM
+    ``layer`` (a module or its dotted name; on a CA-Stream or SimPool model also one in its backbone) is the layer CAM
     methods explain (``default_layer``); channels-last maps and the token layers of a vision transformer or
     a Hiera's blocks are read as maps on their grid (``tokens.py``). A ``torch.compile``'d model is explained
     through the module it wraps. ``options`` go to the method (e.g. ``iterations`` for Opti-CAM), checked by

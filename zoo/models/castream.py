@@ -17,22 +17,14 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import NamedTuple
 
-import timm
 import torch
 from timm.layers import trunc_normal_
-from timm.models import (
-    ConvNeXt,
-    ResNet,
-    generate_default_cfgs,
-    get_pretrained_cfg,
-    register_model,
-)
+from timm.models import ConvNeXt, ResNet, generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..hub import checkpoint_mismatch, hub_id
 from ..output import ModelOutput, check_image_batch, model_name
-from ._builder import build_zoo_model
+from ._pooled import PooledBackbone, backbone_cfg, checkpoint_filter_fn, create_backbone, create_pooled_model
 
 __all__ = ["CAStream", "CrossAttentionBlock", "CrossAttentionStream", "StreamOutput", "checkpoint_filter_fn",
            "trunc_normal_init", "xavier_uniform_init"]
@@ -162,7 +154,7 @@ _FAMILIES: dict[type, _Family] = {
 }
 
 
-class CAStream(nn.Module):
+class CAStream(PooledBackbone):
     """A timm ResNet or ConvNeXt whose global average pooling is replaced by a CA-Stream.
 
     ``forward(x)`` returns ``ModelOutput(logits, saliency)``, the saliency being the last block's
@@ -187,6 +179,8 @@ class CAStream(nn.Module):
         **backbone_kwargs: passed to ``timm.create_model`` for the backbone.
     """
 
+    checkpoint_options = "stream options (stream_start, kv_proj, class_specific)"
+
     def __init__(
         self,
         backbone: str = "resnet50",
@@ -201,13 +195,9 @@ class CAStream(nn.Module):
         return_saliency: bool = True,
         **backbone_kwargs,
     ):
-        super().__init__()
-        net = timm.create_model(backbone, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
-                                **backbone_kwargs)
-        family = next((fam for cls, fam in _FAMILIES.items() if isinstance(net, cls)), None)
-        if family is None:
-            supported = ", ".join(cls.__name__ for cls in _FAMILIES)
-            raise ValueError(f"CA-Stream needs a timm {supported} backbone; {backbone!r} is a {type(net).__name__}")
+        net = create_backbone("CA-Stream", backbone, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                              **backbone_kwargs)
+        family = next(fam for cls, fam in _FAMILIES.items() if isinstance(net, cls))
         if taps not in family.taps:
             options = ", ".join(map(repr, family.taps))
             raise ValueError(f"taps for a {type(net).__name__} backbone must be one of {options}, got {taps!r}")
@@ -217,7 +207,7 @@ class CAStream(nn.Module):
         if class_specific and num_classes < 1:
             raise ValueError("a class-specific stream needs num_classes >= 1 (one query per class)")
 
-        self.backbone = net
+        super().__init__(net, in_chans, return_saliency)
         self.stream = CrossAttentionStream(widths[stream_start:], num_classes if class_specific else 1, kv_proj,
                                            proj_drop_rate, family.linear_init)
         self._stages = family.taps[taps](net)  # plain list: these modules are registered under ``backbone``
@@ -227,14 +217,7 @@ class CAStream(nn.Module):
         # the checkpoint even when they are the default (older timm writes only the model_args it is given)
         self._model_args = {**getattr(self, "_model_args", {}), "taps": taps}
         self.class_specific = class_specific
-        self.return_saliency = return_saliency
-        self.backbone_frozen = False
         self.grad_checkpointing = False
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.num_features = self.head_hidden_size = net.num_features
-        self.min_input_size = net.feature_info[-1]["reduction"]
-        self.feature_info = [dict(info, module=f"backbone.{info['module']}") for info in net.feature_info]
 
     # --- the stream ---------------------------------------------------------------------------
 
@@ -266,26 +249,12 @@ class CAStream(nn.Module):
             raise ValueError("a class-specific CA-Stream trains with the target's query: call model(x, targets)")
         return self.backbone.forward_head(last_features).argmax(-1)
 
-    # --- timm model interface -----------------------------------------------------------------
+    # --- timm model interface (the rest is PooledBackbone's) -------------------------------------
 
-    def _classify(self, query: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        # The backbone's head pools a 1x1 map to the query itself, then applies its norm and classifier.
-        return self.backbone.forward_head(query[:, :, None, None], pre_logits=pre_logits)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, 1 + h*w, d_L]: the stream's class token, then the last stage's patch tokens.
-
-        As for timm's ViTs, ``forward_head`` reads the class token.
-        """
+    def pool_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream's last query [B, d_L] (the class token of ``forward_features``) and the last features."""
         out = self.forward_stream(x)
-        return torch.cat([out.query.unsqueeze(1), out.features.flatten(2).transpose(1, 2)], dim=1)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Classify the class token of ``forward_features`` output (pre-classifier features if asked)."""
-        if x.ndim != 3:
-            raise ValueError(f"forward_head expects the tokens [B, 1 + h*w, d] of forward_features, got shape "
-                             f"{tuple(x.shape)}")
-        return self._classify(x[:, 0], pre_logits)
+        return out.query, out.features
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput | torch.Tensor:
         """Logits and the last attention map; ``targets`` only matter for a class-specific stream."""
@@ -297,9 +266,6 @@ class CAStream(nn.Module):
         """Recompute backbone stages in the backward pass instead of storing their activations."""
         self.grad_checkpointing = enable
 
-    def get_classifier(self) -> nn.Module:
-        return self.backbone.get_classifier()
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New classifier for ``num_classes`` (0 removes it); pooling is the stream's and cannot change."""
         if global_pool is not None:
@@ -310,23 +276,9 @@ class CAStream(nn.Module):
             query = self.stream.query
             self.stream.query = nn.Parameter(torch.empty(num_classes, query.shape[1], device=query.device,
                                                          dtype=query.dtype).normal_(1.0, 1.0))
-        self.backbone.reset_classifier(num_classes)
-        self.num_classes = num_classes
+        super().reset_classifier(num_classes)
 
-    # --- training and explanation -------------------------------------------------------------
-
-    def freeze_backbone(self, frozen: bool = True) -> "CAStream":
-        """Train the stream only (thesis §3.3): backbone and classifier get no gradient and the
-        backbone stays in eval mode (BatchNorm statistics and dropout fixed) even under ``train()``."""
-        self.backbone.requires_grad_(not frozen)
-        self.backbone_frozen = frozen
-        return self.train(self.training)
-
-    def train(self, mode: bool = True) -> "CAStream":
-        super().train(mode)
-        if self.backbone_frozen:
-            self.backbone.eval()
-        return self
+    # --- explanation --------------------------------------------------------------------------
 
     def contribution_map(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """Class-specific map [B, h_L, w_L] whose sum plus the classifier bias is the target logit.
@@ -364,49 +316,14 @@ class CAStream(nn.Module):
         return (tokens - mean) * inv_std * norm.weight + norm.bias
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CAStream) -> dict[str, torch.Tensor]:
-    """Accept a full CA-Stream checkpoint or a backbone-only timm one, and name any mismatch.
-
-    A backbone-only checkpoint (e.g. timm's ``resnet50.tv_in1k``) loads into the backbone and the
-    stream keeps its initialisation: the start of stream training. The classifier and first
-    convolution may differ in shape, since timm adapts those itself.
-    """
-    if not any(key.startswith(("backbone.", "stream.")) for key in state_dict):
-        state_dict = {f"backbone.{key}": value for key, value in state_dict.items()}
-        state_dict.update({key: value for key, value in model.state_dict().items() if key.startswith("stream.")})
-    expected = model.state_dict()
-    cfg = model.pretrained_cfg
-    adaptable = {f"{cfg[name]}.{param}" for name in ("classifier", "first_conv") if cfg.get(name)
-                 for param in ("weight", "bias")}
-    problems = checkpoint_mismatch({key: value.shape for key, value in state_dict.items()},
-                                   {key: value.shape for key, value in expected.items()}, adaptable)
-    if problems:
-        raise ValueError(f"checkpoint does not fit {cfg.get('architecture', 'this model')}: {problems}. "
-                         "Was it saved from another backbone or with other stream options "
-                         "(stream_start, kv_proj, class_specific)?")
-    for key in expected.keys() - state_dict.keys():  # BatchNorm counters that older checkpoints lack
-        state_dict[key] = expected[key]
-    return state_dict
-
-
 def _create_castream(variant: str, pretrained: bool = False, **kwargs) -> CAStream:
-    if kwargs.pop("features_only", False):
-        raise ValueError(f"{variant} has no features_only form: its stage features are those of its backbone, "
-                         "create the backbone with features_only=True instead")
-    return build_zoo_model(CAStream, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return create_pooled_model(CAStream, variant, pretrained, **kwargs)
 
 
 def _cfg(name: str, backbone_weights: str, **kwargs) -> dict:
     """The stream is trained with its backbone's data config; the classifier sits in the backbone."""
-    source = get_pretrained_cfg(backbone_weights).to_dict()
-    data = {key: source[key] for key in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
-                                         "pool_size", "license") if source.get(key) is not None}
-    return dict(
-        hf_hub_id=hub_id(name), num_classes=1000, first_conv=f"backbone.{source['first_conv']}",
-        classifier=f"backbone.{source['classifier']}", paper_name="CA-Stream: Attention-based pooling for "
-        "interpretable image recognition", notes=(f"stream trained on top of frozen {backbone_weights}",),
-        **data, **kwargs,
-    )
+    return backbone_cfg(name, backbone_weights, paper_name="CA-Stream: Attention-based pooling for interpretable "
+                        "image recognition", notes=(f"stream trained on top of frozen {backbone_weights}",), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -150,7 +150,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The structural similarity [N] of maps ``a`` and ``b`` [N, H, W] (H, W >= 7), image by image, as Quantus'
     ``ssim`` has ``skimage.metrics.structural_similarity`` compute it (module docstring: 7 x 7 uniform window,
     K1 0.01, K2 0.03, sample covariance, data range the pair's joint span), in float64. Two constant maps give 1."""
-    count, height, width = check_maps(a=a, b=b)
+    _, height, width = check_maps(a=a, b=b)
     if min(height, width) < SSIM_WINDOW:
         raise ValueError(f"maps must be at least {SSIM_WINDOW} x {SSIM_WINDOW} pixels (SSIM's window), got "
                          f"{height} x {width}")

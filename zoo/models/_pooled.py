@@ -7,6 +7,7 @@ checkpoint or a backbone-only timm one into any of them, ``create_pooled_model``
 ``backbone_cfg`` is a variant's pretrained config: its backbone weights' data config.
 """
 
+from abc import ABCMeta, abstractmethod
 from typing import ClassVar
 
 import timm
@@ -32,7 +33,7 @@ def create_backbone(family: str, name: str, **kwargs) -> nn.Module:
     return net
 
 
-class PooledBackbone(nn.Module):
+class PooledBackbone(nn.Module, metaclass=ABCMeta):
     """A timm backbone whose global average pooling a learned pooling replaces; the base of ``CAStream`` and
     ``SimPool``.
 
@@ -55,9 +56,9 @@ class PooledBackbone(nn.Module):
         self.min_input_size = backbone.feature_info[-1]["reduction"]
         self.feature_info = [dict(info, module=f"backbone.{info['module']}") for info in backbone.feature_info]
 
+    @abstractmethod
     def pool_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pooled features [B, d] that replace GAP's, and the last stage's features [B, d, h, w]."""
-        raise NotImplementedError
 
     # --- timm model interface -----------------------------------------------------------------
 

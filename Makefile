@@ -22,7 +22,7 @@ demo: $(BIN)/.installed
 quicklook: $(BIN)/.installed
 	$(BIN)/python examples/quicklook.py --out results/quicklook
 
-# the explorer (zoo-app) on the demo's models: the demo runs first when its models are missing (~7 min on 2 cores)
+# the explorer (zoo-app) on the demo's models: the demo runs first when its models are missing (~20 min on 2 cores)
 app: $(BIN)/.installed
 	test -d $(OUT)/hub || $(BIN)/python examples/demo.py --out $(OUT)
 	$(BIN)/zoo-app --demo $(OUT)

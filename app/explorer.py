@@ -243,7 +243,8 @@ def top_classes(loaded: LoadedModel, prepared: Prepared, k: int = 5,
 
 def builtin_maps(loaded: LoadedModel, prepared: Prepared) -> list[tuple[str, torch.Tensor]]:
     """The model's own saliency at the input's size, in [0, 1], with captions: a CA-Stream's attention at every
-    stage (the last is its saliency), a zoo CNN's CAM of its predicted class; none for other models."""
+    stage (the last is its saliency), a SimPool's attention (one map for every class), a zoo CNN's CAM of its
+    predicted class; none for other models."""
     size = prepared.images.shape[-2:]
     with torch.no_grad():
         if isinstance(loaded.model, zoo.CAStream):
@@ -254,7 +255,9 @@ def builtin_maps(loaded: LoadedModel, prepared: Prepared) -> list[tuple[str, tor
         if loaded.has_builtin_saliency:
             output = loaded.model(prepared.images)
             if hasattr(output, "saliency"):
-                return [("built-in CAM of the predicted class", normalise_per_image(output.saliency, size)[0])]
+                caption = ("SimPool's attention (the same for every class)" if isinstance(loaded.model, zoo.SimPool)
+                           else "built-in CAM of the predicted class")
+                return [(caption, normalise_per_image(output.saliency, size)[0])]
     return []
 
 

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/demo"))
     parser.add_argument("--quick", action="store_true",
-                        help="a much smaller run of the same pipeline (~20 s on an idle 2-core CPU)")
+                        help="a much smaller run of the same pipeline (about 3 minutes on a 2-core CPU)")
     parser.add_argument("--data", type=Path, help="a folder of Fashion-MNIST idx files (default: the Debian package's)")
     args = parser.parse_args(argv)
     scale_name = "quick" if args.quick else "full"

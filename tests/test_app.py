@@ -148,7 +148,8 @@ def test_top_classes_and_the_target(castream, canvas_image):
     assert explain_and_score(castream, prepared, [], None).target == int(logits.argmax())  # None: the prediction
 
 
-def test_builtin_maps_are_every_stage_of_a_castream_and_a_cifar_models_cam(castream, canvas_image):
+def test_builtin_maps_are_every_stage_of_a_castream_a_simpools_attention_and_a_cifar_models_cam(castream,
+                                                                                                 canvas_image):
     prepared = prepare(castream, canvas_image)
     stages = builtin_maps(castream, prepared)
     attentions = castream.model.forward_stream(prepared.images).attentions
@@ -162,6 +163,14 @@ def test_builtin_maps_are_every_stage_of_a_castream_and_a_cifar_models_cam(castr
     loaded = type(castream)(cifar, "resnet18_cifar", "resnet18_cifar", castream.data_config, CLASSES, None)
     ((caption, cam),) = builtin_maps(loaded, prepared)
     assert caption == "built-in CAM of the predicted class" and cam.shape == (64, 64)
+    simpool = zoo.SimPool("resnet18", num_classes=3).eval()
+    loaded = type(castream)(simpool, "resnet18_simpool", "resnet18_simpool", castream.data_config, CLASSES, None)
+    ((caption, attention),) = builtin_maps(loaded, prepared)
+    expected = torch.nn.functional.interpolate(simpool.forward_pool(prepared.images).attention.mean(1, keepdim=True),
+                                               size=(64, 64), mode="bilinear")[0, 0]
+    expected = (expected - expected.min()) / (expected.max() - expected.min())
+    assert caption == "SimPool's attention (the same for every class)" and torch.allclose(attention, expected,
+                                                                                          atol=1e-5)
     plain = type(castream)(timm.create_model("resnet18", num_classes=3).eval(), "resnet18", "resnet18",
                            castream.data_config, CLASSES, None)
     assert builtin_maps(plain, prepared) == []

@@ -23,6 +23,7 @@ import ast
 import hashlib
 import inspect
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -44,7 +45,7 @@ from zoo.data.device import DECODERS, decoding_transforms
 from zoo.data.transforms import CONFIG_KEYS, eval_transform
 from zoo.hub import Weights, load_model, resolve_weights, sha256
 from zoo.metrics import METRICS, RECOGNITION, Metric, recognition, reported_value, tables
-from zoo.output import logits_of
+from zoo.output import checked_inputs, logits_of
 
 from .figures import grid, overlay, save, show
 from .metrics import (
@@ -480,8 +481,9 @@ def cached(path: Path, indices: list[int], protocol: Protocol, first: bool) -> b
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write(unfinished)``, then that file renamed to ``path``, so that an interrupted write never looks
-    finished; a failed one (a full disk) is removed and named."""
-    unfinished = path.with_suffix(".partial")
+    finished; a failed one (a full disk) is removed and named. ``unfinished`` is this process's own, so that two
+    processes writing the same file (two runs on one output folder) each rename a whole one."""
+    unfinished = path.with_suffix(f".{os.getpid()}.partial")
     try:
         write(unfinished)
     except (OSError, SafetensorError) as error:
@@ -567,8 +569,9 @@ def run(protocol: Protocol, dataset, out: Path, accelerator: Accelerator, worker
     loader = DataLoader(dataset, batch_sampler=[batches[k] for k in todo], collate_fn=collate, num_workers=workers)
     for k, (images, target) in zip(todo, tqdm(loader, desc=f"{protocol.model} batches", disable=not main),
                                    strict=True):
-        record = evaluate_batch(model, images.to(accelerator.device), target, torch.tensor(batches[k]), protocol,
-                                keep_examples=k == 0)
+        with checked_inputs():  # evaluate_batch refuses non-finite images itself, once, naming them
+            record = evaluate_batch(model, images.to(accelerator.device), target, torch.tensor(batches[k]), protocol,
+                                    keep_examples=k == 0)
         write_atomically(batches_dir / f"{k:06d}.safetensors", partial(save_file, record))
     accelerator.wait_for_everyone()
     if main:

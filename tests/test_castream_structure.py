@@ -84,12 +84,12 @@ def test_unknown_model_name_is_named():
 
 
 def test_unsupported_backbone_is_named():
-    with pytest.raises(ValueError, match="ResNet, ConvNeXt backbone; 'vit_tiny_patch16_224' is a VisionTransformer"):
+    with pytest.raises(ValueError, match="ResNet, ConvNeXt, RegNet backbone; 'vit_tiny_patch16_224' is a Vision"):
         zoo.CAStream(backbone="vit_tiny_patch16_224")
 
 
 def test_bad_stream_options_are_named():
     with pytest.raises(ValueError, match="stream_start must be a stage index in 0..4"):
         meta_model("resnet50_castream", stream_start=5)
-    with pytest.raises(ValueError, match="features_only"):
-        meta_model("resnet18_castream", features_only=True)
+    with pytest.raises(ValueError, match="global_pool='' cannot be set"):
+        meta_model("resnet18_castream", global_pool="")

@@ -1,5 +1,5 @@
-"""SimPool (Psomas et al. 2023) as zoo models: timm's SimPool2d in place of GAP on a frozen ResNet or ConvNeXt, its
-attention as built-in saliency, the stream recipe, the saliency methods and the hub's save/load path."""
+"""SimPool (Psomas et al. 2023) as zoo models: timm's SimPool2d in place of GAP on a frozen ResNet, ConvNeXt or
+RegNet, its attention as built-in saliency, the stream recipe, the saliency methods and the hub's save/load path."""
 
 import copy
 
@@ -19,8 +19,8 @@ from zoo.training.objectives import Classification
 from zoo.training.optimiser import create_optimizer
 from zoo.training.train import build_model
 
-NAMES = ["convnext_base_simpool", "convnext_small_simpool", "convnext_tiny_simpool", "resnet101_simpool",
-         "resnet18_simpool", "resnet34_simpool", "resnet50_simpool"]
+NAMES = ["convnext_base_simpool", "convnext_small_simpool", "convnext_tiny_simpool", "regnety_016_simpool",
+         "regnety_032_simpool", "resnet101_simpool", "resnet18_simpool", "resnet34_simpool", "resnet50_simpool"]
 SMALL = {"resnet": ("resnet18_simpool", {}), "convnext": ("convnext_tiny_simpool", dict(backbone="convnext_atto"))}
 SIZE = 64
 
@@ -47,7 +47,7 @@ def values(pool, features):
     return tokens.reshape(batch, -1, pool.num_heads, pool.head_dim).transpose(1, 2)
 
 
-def test_the_seven_variants_are_registered_with_declared_unpublished_tags():
+def test_the_variants_are_registered_with_declared_unpublished_tags():
     assert set(zoo.list_models("*simpool*")) == set(timm.list_models("*_simpool")) == set(NAMES)
     assert {f"{name}.in1k" for name in NAMES} <= set(zoo.list_models(pretrained=True))
     cfg = timm.models.get_pretrained_cfg("resnet50_simpool.in1k")
@@ -236,13 +236,13 @@ def test_a_plain_backbone_checkpoint_loads_into_the_backbone(tmp_path):
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="SimPool needs a timm ResNet, ConvNeXt backbone; 'vit_tiny_patch16_224'"):
+    with pytest.raises(ValueError, match="SimPool needs a timm ResNet, ConvNeXt, RegNet backbone; 'vit_tiny_patch"):
         zoo.SimPool(backbone="vit_tiny_patch16_224")
     with pytest.raises(ValueError, match="num_heads must divide the last stage's 512 channels, got 3"):
         timm.create_model("resnet18_simpool", num_heads=3)
     with pytest.raises(ValueError, match="gamma must be positive"):
         timm.create_model("resnet18_simpool", gamma=0.0)
-    with pytest.raises(ValueError, match="features_only"):
-        timm.create_model("resnet18_simpool", features_only=True)
+    with pytest.raises(ValueError, match="global_pool='avg' cannot be set"):
+        timm.create_model("resnet18_simpool", global_pool="avg")
     with pytest.raises(ValueError, match="too small for resnet18_simpool"):
         timm.create_model("resnet18_simpool")(torch.randn(1, 3, 16, 16))

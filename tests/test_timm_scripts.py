@@ -20,7 +20,8 @@ from torch import nn
 
 import zoo
 
-SIZES = {"resnet18_castream": 32, "resnet18_cifar": 16}  # the smallest inputs their last stages' strides allow
+# the smallest inputs their last stages' strides allow
+SIZES = {"resnet18_castream": 32, "regnety_016_castream": 32, "resnet18_cifar": 16}
 CLASSES = 3
 BATCH = 2
 HINT = re.escape("read its .logits, or create the model with return_saliency=False") + ".*" + re.escape(

@@ -5,8 +5,9 @@
 
 A run lives in its output folder (``runs/<recipe>`` by default): ``recipe.json``, ``status.json``, checkpoints
 sealed by SHA-256 manifests, ``metrics.csv``/``metrics.jsonl`` with one row per epoch (``run_folder.py``), and
-``model/``: the final weights in timm's Hub layout (``model.safetensors`` + ``config.json`` with the label names),
-which ``timm.create_model("local-dir:<run>/model", pretrained=True)`` loads.
+``model/``: the final weights in timm's Hub layout (``model.safetensors`` + ``config.json`` with the label names and
+the weights' SHA-256, verified whenever the folder is loaded), which
+``timm.create_model("local-dir:<run>/model", pretrained=True)`` loads.
 
 ``train`` reads as a plain PyTorch loop: ``set_up`` (accelerator, data, model, optimiser, schedule, resume),
 then per epoch ``train_one_epoch`` and ``validate``, then ``export``. Accelerate appears only where distribution
@@ -41,7 +42,7 @@ import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data import build_dataset, collate, sample_indices
 from zoo.data.device import decoding_transforms
 from zoo.data.transforms import CONFIG_KEYS, eval_transform, train_transform
-from zoo.hub import CONFIG_FILE, load_model, resolve_weights, sha256
+from zoo.hub import CONFIG_FILE, WEIGHTS_FILE, load_model, resolve_weights, sha256
 from zoo.metrics import recognition
 
 from .allocator import keep_freed_memory
@@ -91,7 +92,7 @@ def build_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
         raise ValueError(f"recipe {recipe.name!r} sets num_classes={declared} but {recipe.dataset} has "
                          f"{num_classes} classes")
     args = {key: value for key, value in recipe.model_args.items() if key != "num_classes"}
-    model = load_model(recipe.model, recipe.weights, num_classes, recipe.new_classifier, **args)
+    model = load_model(recipe.model, recipe.weights, num_classes, recipe.new_classifier, fresh_pooling=True, **args)
     if recipe.freeze_backbone:
         if not hasattr(model, "freeze_backbone"):
             raise ValueError(f"freeze_backbone: {recipe.model} has no separate backbone to freeze (a CA-Stream "
@@ -331,6 +332,7 @@ def export(run: Run) -> Path:
                     data_config={key: run.data_config[key] for key in CONFIG_KEYS})
         config = json.loads((model_dir / CONFIG_FILE).read_text())
         config["pretrained_cfg"].pop("tag", None)  # the architecture's default tag names other weights
+        config["weights_sha256"] = sha256(model_dir / WEIGHTS_FILE)  # verified whenever the folder is loaded
         (model_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return model_dir
 

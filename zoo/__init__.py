@@ -5,6 +5,7 @@
 
 import timm
 
+from . import export as export  # zoo.export: torch.export and ONNX graphs with the saliency as an output
 from .models import (
     CamClassifier,
     CAStream,

@@ -5,9 +5,11 @@ The organisation holding the checkpoints is ``interpretable-zoo`` unless the env
 elsewhere with ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=...))``.
 
 A checkpoint is a folder holding ``model.safetensors`` and timm's ``config.json``; weights are only ever
-read from safetensors. ``verify_checkpoint`` checks one before it is published or loaded by ``load_model``:
-the architecture is one timm knows, the file is complete safetensors whose tensors are those of the model
-the config describes, and its SHA-256 is the one ``zoo-publish`` records in ``config.json``.
+read from safetensors. ``verify_checkpoint`` checks one before it is published or loaded by ``load_model`` (and
+a zoo model's by timm's ``local-dir:`` and ``hf-hub:``, through ``verify_source``): the architecture is one timm
+knows, ``config.json``'s fields have their types (``num_classes`` an integer, ``input_size`` three, ...), the file is
+complete safetensors whose tensors are those of the model the config describes, and its SHA-256 is the one
+``zoo-publish`` and ``zoo-train`` record in ``config.json``.
 
 ``resolve_weights`` is the one way weights are named, everywhere (``zoo-eval --weights``, a recipe's ``weights``,
 the demo), with timm's own names: ``local-dir:<folder>``, ``hf-hub:<org>/<name>[@revision]``, a registered
@@ -19,8 +21,11 @@ crop and mean/std as the model's pretrained config (what ``timm.data.resolve_dat
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +38,8 @@ from safetensors import SafetensorError, safe_open
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg, split_model_name_tag
 
 __all__ = ["CONFIG_FILE", "HF_HUB", "HUB_ORG", "LOCAL_DIR", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "CheckpointError",
-           "Weights", "add_to_hf_cache", "checkpoint_mismatch", "hub_checkpoint", "hub_id", "load_model", "read_config",
-           "resolve_weights", "sha256", "verify_checkpoint"]
+           "FreshPoolingWarning", "Weights", "add_to_hf_cache", "checkpoint_mismatch", "hub_checkpoint", "hub_id",
+           "load_model", "read_config", "resolve_weights", "sha256", "verify_checkpoint", "verify_source"]
 
 HUB_ORG = os.environ.get("ZOO_HUB_ORG", "interpretable-zoo")
 WEIGHTS_FILE = "model.safetensors"
@@ -46,6 +51,11 @@ LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
 
 class CheckpointError(ValueError):
     """A checkpoint that must not be loaded or published; the message names the file and the reason."""
+
+
+class FreshPoolingWarning(UserWarning):
+    """Weights loaded into a model leave part of it (a CA-Stream's stream, SimPool's pooling) at its random
+    initialisation: they are a backbone's only."""
 
 
 def hub_id(name: str) -> str:
@@ -96,6 +106,50 @@ def add_to_hf_cache(folder: str | os.PathLike, repo_id: str, cache_dir: str | os
     return snapshot
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _config_problem(config: dict) -> str:
+    """What is wrong with the types of a checkpoint config's fields, or ""."""
+    pretrained_cfg = config.get("pretrained_cfg", {})
+    fields = {**{key: config[key] for key in ("num_classes", "num_features", "label_names", "model_args",
+                                              "pretrained_cfg", "weights_sha256") if key in config},
+              **({f"pretrained_cfg.{key}": value for key, value in pretrained_cfg.items() if key in DATA_FIELDS}
+                 if isinstance(pretrained_cfg, dict) else {})}
+    for key, value in fields.items():
+        expected = CONFIG_TYPES[key.rpartition(".")[2]]
+        if not expected[0](value):
+            return f"{key} must be {expected[1]}, got {value!r}"
+    names, classes = config.get("label_names"), config.get("num_classes")
+    if names and classes and len(names) != classes:
+        return f"label_names holds {len(names)} names for num_classes {classes}"
+    return ""
+
+
+CONFIG_TYPES = {  # a config.json field: (its test, what it must be)
+    "num_classes": (_is_count, "a non-negative integer"),
+    "num_features": (_is_count, "a non-negative integer"),
+    "label_names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of strings"),
+    "model_args": (lambda v: isinstance(v, dict), "an object of keyword arguments"),
+    "pretrained_cfg": (lambda v: isinstance(v, dict), "an object"),
+    "weights_sha256": (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None,
+                       "64 lowercase hexadecimal digits"),
+    "input_size": (lambda v: isinstance(v, list) and len(v) == 3 and all(_is_count(n) and n > 0 for n in v),
+                   "[channels, height, width] of positive integers"),
+    "interpolation": (lambda v: isinstance(v, str), "a string such as 'bicubic'"),
+    "crop_pct": (lambda v: _is_number(v) and 0 < v, "a positive number"),
+    "crop_mode": (lambda v: isinstance(v, str), "a string such as 'center'"),
+    "mean": (lambda v: isinstance(v, list) and len(v) > 0 and all(_is_number(n) for n in v), "a list of numbers"),
+    "std": (lambda v: isinstance(v, list) and len(v) > 0 and all(_is_number(n) and n > 0 for n in v),
+            "a list of positive numbers"),
+}
+
+
 def read_config(folder: str | os.PathLike) -> dict:
     """A checkpoint's ``config.json``, refused unless it names an architecture timm knows."""
     path = Path(folder) / CONFIG_FILE
@@ -105,10 +159,15 @@ def read_config(folder: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object of timm's fields")
     architecture = config.get("architecture")
     if not isinstance(architecture, str) or not timm.is_model(architecture):
         raise CheckpointError(f"{path} names the architecture {architecture!r}, which timm does not know: not a timm "
                               "or zoo model (`import zoo` registers the zoo's; a newer zoo or timm may have it)")
+    problem = _config_problem(config)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     return config
 
 
@@ -173,6 +232,16 @@ def verify_checkpoint(folder: str | os.PathLike) -> dict:
         raise CheckpointError(f"{weights} does not hold the {config['architecture']} its {CONFIG_FILE} describes "
                               f"(num_classes, model_args): {problems}")
     return config
+
+
+def verify_source(pretrained_cfg: Mapping | None) -> None:
+    """``verify_checkpoint`` on the folder timm's ``local-dir:`` or ``hf-hub:`` loads a model from (a pretrained
+    config's ``source``), before timm reads it: nothing else is checked."""
+    source = pretrained_cfg.get("source") if isinstance(pretrained_cfg, Mapping) else None  # or a tag, a name
+    if source == "local-dir":
+        verify_checkpoint(pretrained_cfg["file"])
+    elif source == "hf-hub":
+        hub_checkpoint(pretrained_cfg["hf_hub_id"])
 
 
 def hub_checkpoint(repo_id: str) -> Path:
@@ -283,8 +352,24 @@ def resolve_weights(name: str, weights: str) -> Weights:
                      f"'default', a checkpoint folder, an org/name Hub id or a .safetensors file, got {weights!r}")
 
 
+def _fresh_modules(model: torch.nn.Module, file: Path, new_classifier: bool) -> dict[str, int]:
+    """The top-level modules of ``model`` (with their tensor counts) that ``file`` holds no tensor for, the
+    classifier aside where ``new_classifier``: a backbone-only checkpoint's tensors are named without ``backbone.``."""
+    with safe_open(file, "pt") as opened:
+        held = set(opened.keys())
+    classifier = (model.pretrained_cfg.get("classifier") or "") if new_classifier else ""
+    fresh: dict[str, int] = {}
+    for key in model.state_dict():
+        if (key in held or key.removeprefix("backbone.") in held or key.endswith("num_batches_tracked")
+                or (classifier and key.startswith(f"{classifier}."))):
+            continue
+        module = key.partition(".")[0]
+        fresh[module] = fresh.get(module, 0) + 1
+    return fresh
+
+
 def load_model(name: str, weights: str | Weights | None, num_classes: int, new_classifier: bool = False,
-               **kwargs) -> torch.nn.Module:
+               fresh_pooling: bool = False, **kwargs) -> torch.nn.Module:
     """A registered model for ``num_classes``, random-initialised (``weights=None``) or loaded from weights.
 
     ``weights``: any name ``resolve_weights`` takes (checked first as it describes), or what it returned. As
@@ -294,6 +379,9 @@ def load_model(name: str, weights: str | Weights | None, num_classes: int, new_c
     The checkpoint's classifier is kept, so it must have ``num_classes`` outputs (and its config's ``label_names``
     are the model's ``pretrained_cfg["label_names"]``), unless ``new_classifier``
     (fine-tuning on another label set: timm leaves the classifier at its initialisation).
+    Backbone-only weights (a GAP ResNet's) loaded into a CA-Stream or SimPool leave its pooling at its random
+    initialisation: a ``FreshPoolingWarning`` says so, unless ``fresh_pooling`` says that is the intent (the
+    training recipes, which start stream training so).
     """
     if weights is None:
         return timm.create_model(name, num_classes=num_classes, **kwargs)
@@ -304,11 +392,19 @@ def load_model(name: str, weights: str | Weights | None, num_classes: int, new_c
     if weights.label_names and not new_classifier:  # as timm's own local-dir: and hf-hub: loading keeps them
         overlay["label_names"] = list(weights.label_names)
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
-                                 **weights.model_args_for(name, **kwargs))
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
+                                  **weights.model_args_for(name, **kwargs))
     except RuntimeError as error:
         if "Error(s) in loading state_dict" not in str(error):
             raise
         raise ValueError(f"weights {weights.file} do not fit {name} with {num_classes} classes: saved from another "
                          "architecture, or for another class count (new_classifier=True fine-tunes on new classes)"
                          f"\n{str(error)[:2000]}") from None
+    fresh = {} if fresh_pooling else _fresh_modules(model, weights.file, new_classifier)
+    if fresh:
+        parts = ", ".join(f"{module} ({count} tensors)" for module, count in fresh.items())
+        warnings.warn(f"weights {weights.file} hold no tensors for the {parts} of {name}: they are a backbone's only, "
+                      f"so {name}'s pooling keeps its random initialisation (the start of stream training; "
+                      "fresh_pooling=True says it is meant). Load a checkpoint of the whole model to use a trained "
+                      "one.", FreshPoolingWarning, stacklevel=2)
+    return model

@@ -1,10 +1,13 @@
 """The output contract shared by every zoo model, and the input checks they (and ``explain``) make."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["ModelOutput", "check_image_batch", "logits_of", "model_name"]
+__all__ = ["ModelOutput", "check_image_batch", "checked_inputs", "logits_of", "model_name"]
 
 
 NOT_A_TENSOR = ("a zoo ModelOutput (logits, saliency), not a tensor: read its .logits, or create the model "
@@ -71,10 +74,26 @@ def model_name(model: torch.nn.Module) -> str:
     return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
 
 
+_INPUTS_CHECKED = ContextVar("inputs_checked", default=False)
+
+
+@contextmanager
+def checked_inputs() -> Iterator[None]:
+    """Within it, ``check_image_batch`` leaves out its finiteness check (a host synchronisation per forward on a
+    GPU): for callers that checked their images once and then run the model many times on images derived from them
+    (a saliency method's masked or perturbed copies, the harness's curves)."""
+    token = _INPUTS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _INPUTS_CHECKED.reset(token)
+
+
 def check_image_batch(x: torch.Tensor, in_chans: int, name: str, min_size: int | None = None) -> None:
-    """Raise an error that names the problem unless ``x`` is a floating-point image batch [B, in_chans, H, W]
+    """Raise an error that names the problem unless ``x`` is a finite floating-point image batch [B, in_chans, H, W]
     (a TypeError for anything but a tensor, a ValueError otherwise), at least ``min_size`` pixels high and wide
-    when given: the stride of the model's last stage."""
+    when given: the stride of the model's last stage. Finiteness, which depends on the data, is not checked on the meta
+    device, nor while ``torch.compile`` or ``torch.export`` trace the model, nor within ``checked_inputs()``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} expects a torch.Tensor image batch, got {type(x).__name__}")
     if x.ndim != 4:
@@ -88,10 +107,17 @@ def check_image_batch(x: torch.Tensor, in_chans: int, name: str, min_size: int |
             f"{name} expects {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
         )
     if not x.is_floating_point():
-        raise ValueError(f"{name} expects a floating-point image batch, got {x.dtype}")
+        raise ValueError(f"{name} expects a floating-point image batch, got {x.dtype} (8-bit pixels? convert them "
+                         "with x.float() / 255, then normalise with the model's mean and std)")
     height, width = x.shape[-2:]
     if min_size is not None and min(height, width) < min_size:
         raise ValueError(
             f"input {height}x{width} is too small for {name}: its last stage has stride {min_size}, "
             f"so height and width must be at least {min_size}"
         )
+    if x.is_meta or torch.compiler.is_compiling() or _INPUTS_CHECKED.get():
+        return  # no values to check; a data-dependent branch breaks the graph; checked by the caller
+    finite = x.flatten(1).isfinite().all(1)
+    if not finite.all():
+        positions = ", ".join(map(str, finite.logical_not().nonzero().flatten().tolist()))
+        raise ValueError(f"images for {name} are not finite (NaN or Inf) at batch positions {positions}")

@@ -3,9 +3,12 @@ layer's feature maps; capture, upsampling and normalisation are the shared mecha
 
 import torch
 
-from .core import Explainer, Number, forward_batch, normalise_per_image, saliency_method, weighted_map
+from zoo import CAStream
+
+from .core import Explainer, Number, OneOf, forward_batch, normalise_per_image, saliency_method, weighted_map
 
 EPS = 1e-7
+ATTENTION_SCORES = ("softmax", "logits")  # the attention method's maps: ours, the authors'
 
 
 @saliency_method("cam")
@@ -122,12 +125,34 @@ def fakecam(ex: Explainer) -> torch.Tensor:
     return maps
 
 
-@saliency_method("attention")
-def attention(ex: Explainer) -> torch.Tensor:
-    """A zoo model's built-in saliency (CA-Stream: the last stage's attention), class-agnostic."""
+def _castream_scores(ex: Explainer) -> torch.Tensor:
+    """The last CA-Stream block's scores before the softmax, ``F_L q_L / sqrt(d_L)`` (thesis eq. 3.1), [B, h, w]:
+    its inputs recorded by a hook, then its own ``scores``. For a PROJ->CA block (eq. 3.8) they lack the key bias's
+    term ``b_K . q_L / sqrt(d_L)``, the same at every position, which the map's min-max normalisation cancels."""
+    if not isinstance(ex.model, CAStream):
+        raise ValueError(f"attention scores='logits' needs a CA-Stream model (its last attention's scores before "
+                         f"the softmax); the built-in map of {ex.model_name} ({type(ex.model).__name__}) has none: "
+                         f"use scores='softmax'")
+    block = ex.model.stream.blocks[-1]
+    seen = {}
+    handle = block.register_forward_hook(lambda module, inputs, output: seen.update(inputs=inputs))
+    try:
+        ex.model(ex.images)
+    finally:
+        handle.remove()
+    query, features = seen["inputs"]
+    return block.scores(query, features).squeeze(1).unflatten(1, features.shape[-2:])
+
+
+@saliency_method("attention", scores=OneOf(ATTENTION_SCORES))
+def attention(ex: Explainer, scores: str = "softmax") -> torch.Tensor:
+    """A zoo model's built-in saliency (CA-Stream: the last stage's attention, eq. 3.1), class-agnostic.
+    ``scores="logits"`` (CA-Stream only) gives the scores before the softmax instead, the map the authors'
+    code returns."""
+    if scores == "logits":
+        return _castream_scores(ex)
     output = ex.model(ex.images)
     if not hasattr(output, "saliency"):
         raise ValueError(f"attention needs a zoo model with built-in saliency; {ex.model_name} returns "
                          f"{type(output).__name__}")
     return output.saliency
-

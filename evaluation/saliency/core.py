@@ -20,7 +20,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from zoo import PooledBackbone
-from zoo.output import check_image_batch, logits_of, model_name
+from zoo.output import check_image_batch, checked_inputs, logits_of, model_name
 
 from .tokens import has_patch_grid, layer_layout, patch_grid
 
@@ -387,10 +387,6 @@ def _positions(mask: torch.Tensor) -> str:
 
 def _check_images(images: torch.Tensor, model: nn.Module, name: str) -> None:
     check_image_batch(images, getattr(model, "in_chans", 3), name)
-    finite = images.flatten(1).isfinite().all(1)
-    if not finite.all():
-        raise ValueError(f"images for {name} are not finite (NaN or Inf) at batch positions "
-                         f"{_positions(~finite)}")
     net = backbone_of(model)
     if has_patch_grid(net):  # a size the patch embedding refuses is named before any forward
         patch_grid(net, images.shape[-2:], name)
@@ -429,7 +425,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str, targets=None, l
     name = model_name(model)
     _check_images(images, model, name)
     targets = check_targets(targets, len(images), images.device)
-    with _explaining(model):
+    with _explaining(model), checked_inputs():  # the images are checked above, the method's forwards derive from them
         explainer = Explainer(model, images.detach(), targets, layer, name)
         raw = METHODS[method](explainer, **options)
         if not raw.isfinite().all():  # only then one more forward, to tell a broken model from a rounding issue

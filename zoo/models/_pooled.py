@@ -1,10 +1,12 @@
-"""What the zoo's pooling families (CA-Stream, SimPool) share: a timm ResNet or ConvNeXt whose global average pooling
-is replaced by a learned pooling in front of the backbone's own classifier, trained with the backbone frozen.
+"""What the zoo's pooling families (CA-Stream, SimPool) share: a timm ResNet, ConvNeXt or RegNet whose global average
+pooling is replaced by a learned pooling in front of the backbone's own classifier, trained with the backbone frozen.
 
 ``PooledBackbone`` is their base class: the backbone (classifier included) under ``backbone``, the timm interface
-that does not depend on how the features are pooled, and backbone freezing. ``checkpoint_filter_fn`` loads a full
-checkpoint or a backbone-only timm one into any of them, ``create_pooled_model`` builds a registered variant and
-``backbone_cfg`` is a variant's pretrained config: its backbone weights' data config.
+that does not depend on how the features are pooled (timm's feature API included: ``forward_intermediates``,
+``prune_intermediate_layers``, ``features_only=True``, on the backbone's own feature points), and backbone
+freezing. ``checkpoint_filter_fn`` loads a full checkpoint or a backbone-only timm one into any of them,
+``create_pooled_model`` builds a registered variant and ``backbone_cfg`` is a variant's pretrained config: its
+backbone weights' data config.
 """
 
 from abc import ABCMeta, abstractmethod
@@ -12,20 +14,27 @@ from typing import ClassVar
 
 import timm
 import torch
-from timm.models import ConvNeXt, ResNet, get_pretrained_cfg
+from timm.models import ConvNeXt, RegNet, ResNet, get_pretrained_cfg
+from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import nn
 
 from ..hub import checkpoint_mismatch, hub_id
+from ..output import check_image_batch, model_name
 from ._builder import build_zoo_model
 
 __all__ = ["BACKBONES", "PooledBackbone", "backbone_cfg", "checkpoint_filter_fn", "create_backbone",
            "create_pooled_model"]
 
-BACKBONES = (ResNet, ConvNeXt)  # the timm families whose global average pooling a zoo pooling replaces
+BACKBONES = (ResNet, ConvNeXt, RegNet)  # the timm families whose global average pooling a zoo pooling replaces
 
 
 def create_backbone(family: str, name: str, **kwargs) -> nn.Module:
-    """``timm.create_model(name, **kwargs)``, refused with a ValueError unless one of ``BACKBONES``."""
+    """``timm.create_model(name, **kwargs)``, refused with a ValueError unless one of ``BACKBONES``, or when
+    ``kwargs`` set ``global_pool``: the family's pooling replaces it."""
+    global_pool = kwargs.pop("global_pool", None)
+    if global_pool is not None:
+        raise ValueError(f"{family} replaces the backbone's global pooling with its own: global_pool={global_pool!r} "
+                         "cannot be set (leave it out)")
     net = timm.create_model(name, **kwargs)
     if not isinstance(net, BACKBONES):
         supported = ", ".join(cls.__name__ for cls in BACKBONES)
@@ -39,19 +48,20 @@ class PooledBackbone(nn.Module, metaclass=ABCMeta):
 
     ``backbone`` holds the timm network with its classifier; everything else is the pooling, the only part that
     trains after ``freeze_backbone()``. A subclass pools in ``pool_features(x) -> (pooled [B, d], last features
-    [B, d, h, w])`` and sets ``checkpoint_options``, the options that change its tensors (named when a checkpoint
-    does not fit).
+    [B, d, h, w])`` and ``pool_intermediates``, the same with the backbone's intermediates from the same pass, and
+    sets ``checkpoint_options``, the options that change its tensors (named when a checkpoint does not fit).
     """
 
     checkpoint_options: ClassVar[str] = "options"
 
-    def __init__(self, backbone: nn.Module, in_chans: int = 3, return_saliency: bool = True):
+    def __init__(self, backbone: nn.Module, in_chans: int = 3, drop_rate: float = 0.0, return_saliency: bool = True):
         super().__init__()
         self.backbone = backbone
         self.return_saliency = return_saliency
         self.backbone_frozen = False
         self.num_classes = backbone.num_classes
         self.in_chans = in_chans
+        self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = backbone.num_features
         self.min_input_size = backbone.feature_info[-1]["reduction"]
         self.feature_info = [dict(info, module=f"backbone.{info['module']}") for info in backbone.feature_info]
@@ -59,6 +69,23 @@ class PooledBackbone(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def pool_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pooled features [B, d] that replace GAP's, and the last stage's features [B, d, h, w]."""
+
+    @abstractmethod
+    def pool_intermediates(self, x: torch.Tensor, indices: int | list[int] | None,
+                           norm: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """``pool_features(x)`` and the backbone's features at ``indices`` (as ``forward_intermediates``), one pass."""
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_image_batch(x, self.in_chans, model_name(self), self.min_input_size)
+
+    def _check_intermediates_input(self, x: torch.Tensor, output_fmt: str) -> None:
+        if output_fmt != "NCHW":
+            raise ValueError(f"{model_name(self)} gives its intermediates as NCHW only, got output_fmt={output_fmt!r}")
+        self._check_input(x)
+
+    @staticmethod
+    def _tokens(pooled: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([pooled.unsqueeze(1), features.flatten(2).transpose(1, 2)], dim=1)
 
     # --- timm model interface -----------------------------------------------------------------
 
@@ -72,8 +99,7 @@ class PooledBackbone(nn.Module, metaclass=ABCMeta):
 
         As for timm's ViTs, ``forward_head`` reads the class token.
         """
-        pooled, features = self.pool_features(x)
-        return torch.cat([pooled.unsqueeze(1), features.flatten(2).transpose(1, 2)], dim=1)
+        return self._tokens(*self.pool_features(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Classify the class token of ``forward_features`` output (pre-classifier features if asked)."""
@@ -81,6 +107,49 @@ class PooledBackbone(nn.Module, metaclass=ABCMeta):
             raise ValueError(f"forward_head expects the tokens [B, 1 + h*w, d] of forward_features, got shape "
                              f"{tuple(x.shape)}")
         return self._classify(x[:, 0], pre_logits)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API: the backbone's features at its ``feature_info`` points, as its own
+        ``forward_intermediates`` gives them (``indices``: the last n if an int, all if None; ``norm``: the backbone's
+        pre-head norm on the last, for a ConvNeXt). Unless ``intermediates_only``, ``forward_features``' tokens come
+        first, from the same pass; ``stop_early`` then does not apply, the pooling needing the last stage.
+        """
+        self._check_intermediates_input(x, output_fmt)
+        if intermediates_only:
+            return self.backbone.forward_intermediates(x, indices, norm, stop_early, intermediates_only=True)
+        pooled, features, intermediates = self.pool_intermediates(x, indices, norm)
+        return self._tokens(pooled, features), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's feature API: keep the backbone up to the last of ``indices`` (its own pruning) and return their
+        absolute indices. The pooling goes with the classifier (``prune_head``, or the last stage pruned): what is
+        left is a feature extractor, for ``forward_intermediates(..., intermediates_only=True)``."""
+        take_indices = self.backbone.prune_intermediate_layers(indices, prune_norm, prune_head)
+        self.num_classes = self.backbone.num_classes
+        self.num_features, self.head_hidden_size = self.backbone.num_features, self.backbone.head_hidden_size
+        if prune_head or max(take_indices) < len(self.feature_info) - 1:
+            for name in [name for name, _ in self.named_children() if name != "backbone"]:
+                delattr(self, name)
+        return take_indices
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, list]:
+        """The backbone's parameter groups (timm's layer-wise lr decay); the pooling joins its last stage's group."""
+        matcher = {}
+        for group, spec in self.backbone.group_matcher(coarse).items():
+            patterns = [(spec, None)] if isinstance(spec, str) else spec
+            matcher[group] = [(rf"^backbone\.(?:{pattern.removeprefix('^').replace('|^', '|')})", suffix)
+                              for pattern, suffix in patterns]
+        matcher["blocks"].append((r"^(?!backbone\.)", MATCH_PREV_GROUP))
+        return matcher
 
     def get_classifier(self) -> nn.Module:
         return self.backbone.get_classifier()
@@ -135,11 +204,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: PooledBackb
 
 def create_pooled_model(model_cls: type[PooledBackbone], variant: str, pretrained: bool = False,
                         **kwargs) -> PooledBackbone:
-    """A registered variant of a pooling family, through ``build_zoo_model`` with ``checkpoint_filter_fn``."""
-    if kwargs.pop("features_only", False):
-        raise ValueError(f"{variant} has no features_only form: its stage features are those of its backbone, "
-                         "create the backbone with features_only=True instead")
-    return build_zoo_model(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    """A registered variant of a pooling family, through ``build_zoo_model`` with ``checkpoint_filter_fn``;
+    ``features_only=True`` wraps it in timm's ``FeatureGetterNet``: the backbone's features at ``out_indices``
+    (default: all its feature points)."""
+    return build_zoo_model(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                           feature_cfg=dict(feature_cls="getter", out_indices=None), **kwargs)
 
 
 def backbone_cfg(name: str, backbone_weights: str, **kwargs) -> dict:

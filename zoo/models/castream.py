@@ -1,4 +1,4 @@
-"""CA-Stream: attention-based pooling beside a frozen timm ResNet or ConvNeXt.
+"""CA-Stream: attention-based pooling beside a frozen timm ResNet, ConvNeXt or RegNet.
 
 Thesis ch. 3 (Torres Figueroa 2024; CA-Stream, CVPR-W XAI 2024). A learnable query ``q_0`` runs in a
 stream beside the backbone; at each stage l it pools the stage's features by single-query cross
@@ -6,24 +6,26 @@ attention and is projected to the next stage's width (eq. 3.3, 3.7). The last qu
 average pooling before the backbone's own classifier, and the last attention is a saliency map that
 comes with every forward pass.
 
-The backbone is any timm ResNet or ConvNeXt, built by timm and used through its own modules. Where the
+The backbone is any timm ResNet, ConvNeXt or RegNet, built by timm and used through its own modules. Where the
 thesis is silent, the stream follows the authors' code: it taps a ResNet's stem (after its max-pool) and
 four residual stages, and a ConvNeXt's stem, the downsampling layers that open stages 1 and 2, and the
-last stage (``taps="stages"``: the four stage outputs instead); its linear layers start as the authors'
-do for each family.
+last stage; its linear layers start as the authors' do for each family. Elsewhere (``taps="stages"``, the
+only taps of a RegNet) it reads timm's feature points, the backbone's ``feature_info``, through the backbone's
+own ``forward_intermediates``: a timm CNN that has both carries a stream with one line in ``_FAMILIES``.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import NamedTuple
 
 import torch
-from timm.layers import trunc_normal_
-from timm.models import ConvNeXt, ResNet, generate_default_cfgs, register_model
+from timm.layers import NormMlpClassifierHead, trunc_normal_
+from timm.models import ConvNeXt, RegNet, ResNet, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..output import ModelOutput, check_image_batch, model_name
+from ..output import ModelOutput
 from ._pooled import PooledBackbone, backbone_cfg, checkpoint_filter_fn, create_backbone, create_pooled_model
 
 __all__ = ["CAStream", "CrossAttentionBlock", "CrossAttentionStream", "StreamOutput", "checkpoint_filter_fn",
@@ -55,15 +57,20 @@ class CrossAttentionBlock(nn.Module):
         features, contiguous or channels-last alike.
         """
         tokens = features.flatten(2)
-        if self.key is not None:
-            query = query @ self.key.weight
-        # scaling the query rather than the scores: d products instead of h*w, and no fp16 overflow
-        attention = torch.bmm((query * self.scale).unsqueeze(1), tokens).softmax(-1)  # [B, 1, h*w]
+        attention = self.scores(query, features).softmax(-1)  # [B, 1, h*w]
         # a row vector times the transposed tokens: ~10x faster on CPU than tokens @ column vector
         pooled = torch.bmm(attention, tokens.mT).squeeze(1)
         if self.value is not None:
             pooled = self.value(pooled)
         return self.proj_drop(self.proj(pooled)), attention.squeeze(1)
+
+    def scores(self, query: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The attention's scores before the softmax [B, 1, h*w] (eq. 3.1; PROJ->CA, eq. 3.8: without the key
+        bias's term, the same at every position, which the softmax cancels)."""
+        if self.key is not None:
+            query = query @ self.key.weight
+        # scaling the query rather than the scores: d products instead of h*w, and no fp16 overflow
+        return torch.bmm((query * self.scale).unsqueeze(1), features.flatten(2))
 
     def project_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """Each position's feature mapped as the pooled one is: [B, d, h, w] -> [B, h*w, d_out]."""
@@ -117,22 +124,32 @@ class StreamOutput(NamedTuple):
     features: torch.Tensor  # F_L, the last stage's features [B, d_L, h_L, w_L]
 
 
-def _resnet_taps(net: ResNet) -> list[list[nn.Module]]:
-    """f_0 ... f_4 of eq. 3.5 as the authors tap: the stem up to its max-pool, then the four residual stages."""
-    return [[net.conv1, net.bn1, net.act1, net.maxpool], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
+class _Run(NamedTuple):
+    """Consecutive modules of the backbone, after which it is tapped by the stream, at one of timm's feature points
+    (``feature_info``), or both."""
+
+    modules: list[nn.Module]
+    tap: bool = True
+    feature: bool = True
 
 
-def _convnext_authors_taps(net: ConvNeXt) -> list[list[nn.Module]]:
+def _resnet_taps(net: ResNet) -> list[_Run]:
+    """f_0 ... f_4 of eq. 3.5 as the authors tap: the stem after its max-pool (timm's first feature point is before
+    it), then the four residual stages."""
+    layers = (net.layer1, net.layer2, net.layer3, net.layer4)
+    return [_Run([net.conv1, net.bn1, net.act1], tap=False), _Run([net.maxpool], feature=False),
+            *(_Run([layer]) for layer in layers)]
+
+
+def _convnext_authors_taps(net: ConvNeXt) -> list[_Run]:
     """f_0 ... f_3 of eq. 3.5 as the authors tap: the stem, then the downsampling layers that open stages 1
-    and 2 (each the first feature at a new resolution and width), then the last stage."""
+    and 2 (each the first feature at a new resolution and width), then the last stage; timm's feature points are
+    the four stage outputs."""
     stages = net.stages
-    return [[net.stem], [stages[0], stages[1].downsample], [stages[1].blocks, stages[2].downsample],
-            [stages[2].blocks, stages[3], net.norm_pre]]
-
-
-def _convnext_stage_taps(net: ConvNeXt) -> list[list[nn.Module]]:
-    """f_0 ... f_3 of eq. 3.5 at the four stage outputs (the stem runs before the first)."""
-    return [[net.stem, net.stages[0]], [net.stages[1]], [net.stages[2]], [net.stages[3], net.norm_pre]]
+    return [_Run([net.stem], feature=False), _Run([stages[0]], tap=False),
+            _Run([stages[1].downsample], feature=False), _Run([stages[1].blocks], tap=False),
+            _Run([stages[2].downsample], feature=False), _Run([stages[2].blocks], tap=False),
+            _Run([stages[3]], tap=False), _Run([net.norm_pre], feature=False)]
 
 
 def _run(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -144,25 +161,37 @@ def _run(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
 class _Family(NamedTuple):
     """How the authors' code builds a family's stream, and the placements we offer besides."""
 
-    taps: dict[str, Callable[[nn.Module], list[list[nn.Module]]]]  # name -> f_0 ... f_L; "authors" is the default
+    # name -> the runs of f_0 ... f_L, or None for timm's feature points (the last one as forward_features gives
+    # it); the first name is the default
+    taps: dict[str, Callable[[nn.Module], list[_Run]] | None]
     linear_init: Callable[[nn.Linear], None]
 
 
 _FAMILIES: dict[type, _Family] = {
     ResNet: _Family({"authors": _resnet_taps}, xavier_uniform_init),
-    ConvNeXt: _Family({"authors": _convnext_authors_taps, "stages": _convnext_stage_taps}, trunc_normal_init),
+    ConvNeXt: _Family({"authors": _convnext_authors_taps, "stages": None}, trunc_normal_init),
+    RegNet: _Family({"stages": None}, xavier_uniform_init),
 }
 
 
+def _family(net: nn.Module) -> _Family:
+    return next(family for cls, family in _FAMILIES.items() if isinstance(net, cls))
+
+
+def _runs(net: nn.Module, taps: str) -> list[_Run] | None:
+    split = _family(net).taps[taps]
+    return split(net) if split else None
+
+
 class CAStream(PooledBackbone):
-    """A timm ResNet or ConvNeXt whose global average pooling is replaced by a CA-Stream.
+    """A timm ResNet, ConvNeXt or RegNet whose global average pooling is replaced by a CA-Stream.
 
     ``forward(x)`` returns ``ModelOutput(logits, saliency)``, the saliency being the last block's
     attention ``[B, h_L, w_L]`` (non-negative, sums to 1 per image); every stage's attention is in
     ``forward_stream(x).attentions``. With ``return_saliency=False`` forward returns plain logits.
 
     Args:
-        backbone: timm architecture name of a ResNet or ConvNeXt (weights come through ``pretrained``).
+        backbone: timm architecture name of a ResNet, ConvNeXt or RegNet (weights come through ``pretrained``).
         num_classes: classifier outputs (the backbone's own classifier).
         in_chans: image channels.
         stream_start: first stage the stream taps (0 = S0-S4, the default; L = S_L-S_L only).
@@ -171,8 +200,10 @@ class CAStream(PooledBackbone):
             GAP baseline predicts (thesis §3.6.2).
         taps: where the stream reads the backbone (the points of eq. 3.5): ``"authors"``, as the authors'
             code (ResNet: stem after its max-pool, four stages; ConvNeXt: stem, the downsampling layers
-            opening stages 1 and 2, stage 3), or for a ConvNeXt ``"stages"``, its four stage outputs.
-            Saved with the model's arguments, so a checkpoint reloads with its own taps.
+            opening stages 1 and 2, stage 3), or ``"stages"``, timm's feature points (``feature_info``; for a
+            ConvNeXt its four stage outputs, for a RegNet its stem and four stages). None: ``"authors"`` where
+            the family has them, else ``"stages"``. Saved with the model's arguments, so a checkpoint reloads
+            with its own taps.
         proj_drop_rate: dropout after each projection but the last.
         drop_rate: dropout before the classifier.
         return_saliency: forward returns ``ModelOutput`` (default) or plain logits.
@@ -189,7 +220,7 @@ class CAStream(PooledBackbone):
         stream_start: int = 0,
         kv_proj: bool = False,
         class_specific: bool = False,
-        taps: str = "authors",
+        taps: str | None = None,
         proj_drop_rate: float = 0.0,
         drop_rate: float = 0.0,
         return_saliency: bool = True,
@@ -197,20 +228,21 @@ class CAStream(PooledBackbone):
     ):
         net = create_backbone("CA-Stream", backbone, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
                               **backbone_kwargs)
-        family = next(fam for cls, fam in _FAMILIES.items() if isinstance(net, cls))
+        family = _family(net)
+        taps = taps or next(iter(family.taps))
         if taps not in family.taps:
             options = ", ".join(map(repr, family.taps))
             raise ValueError(f"taps for a {type(net).__name__} backbone must be one of {options}, got {taps!r}")
-        widths = [info["num_chs"] for info in net.feature_info]
+        widths = [info["num_chs"] for info in net.feature_info[:-1]] + [net.num_features]
         if not 0 <= stream_start < len(widths):
             raise ValueError(f"stream_start must be a stage index in 0..{len(widths) - 1}, got {stream_start}")
         if class_specific and num_classes < 1:
             raise ValueError("a class-specific stream needs num_classes >= 1 (one query per class)")
 
-        super().__init__(net, in_chans, return_saliency)
+        super().__init__(net, in_chans, drop_rate, return_saliency)
         self.stream = CrossAttentionStream(widths[stream_start:], num_classes if class_specific else 1, kv_proj,
                                            proj_drop_rate, family.linear_init)
-        self._stages = family.taps[taps](net)  # plain list: these modules are registered under ``backbone``
+        self._runs = _runs(net, taps)  # plain list: these modules are registered under ``backbone``
         self.stream_start = stream_start
         self.taps = taps
         # timm >= 1.0.31 writes a model's ``_model_args`` to config.json in save_for_hf: the taps travel with
@@ -221,26 +253,50 @@ class CAStream(PooledBackbone):
 
     # --- the stream ---------------------------------------------------------------------------
 
-    def _stage_features(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    def _walk(self, x: torch.Tensor, norm: bool = False) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """One pass of the backbone, step by step: the stream's tap and timm's feature point there (None where
+        there is none)."""
+        if self._runs is None:  # timm's feature points; the last tap is what reaches the head
+            final, features = self.backbone.forward_intermediates(x, norm=norm)
+            yield from zip([*features[:-1], final], features, strict=True)
+            return
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
-        for stage in self._stages:
-            x = checkpoint(_run, stage, x, use_reentrant=False) if recompute else _run(stage, x)
-            yield x
+        for run in self._runs:
+            x = checkpoint(_run, run.modules, x, use_reentrant=False) if recompute else _run(run.modules, x)
+            yield (x if run.tap else None), (x if run.feature else None)
+
+    def _stage_features(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """f_0 ... f_L, the features the stream taps."""
+        return (tap for tap, _ in self._walk(x) if tap is not None)
 
     def forward_stream(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> StreamOutput:
         """Backbone and stream together: final query, every stage's attention, last features."""
-        check_image_batch(x, self.in_chans, model_name(self), self.min_input_size)
-        features = self._stage_features(x)
+        self._check_input(x)
+        return self._stream(islice(self._stage_features(x), self.stream_start, None), x.shape[0], targets)
+
+    def _stream(self, taps: Iterable[torch.Tensor], batch: int, targets: torch.Tensor | None = None) -> StreamOutput:
         if self.class_specific:
-            features = list(features)
-            query = self.stream.query[self._query_classes(features[-1], targets)]
+            taps = list(taps)
+            query = self.stream.query[self._query_classes(taps[-1], targets)]
         else:
-            query = self.stream.query.expand(x.shape[0], -1)
+            query = self.stream.query.expand(batch, -1)
         attentions = []
-        for block, feats in zip(self.stream.blocks, islice(features, self.stream_start, None), strict=True):
+        for block, feats in zip(self.stream.blocks, taps, strict=True):
             query, attention = block(query, feats)
             attentions.append(attention.unflatten(1, feats.shape[-2:]))
         return StreamOutput(query, attentions, feats)
+
+    def _stream_intermediates(self, x: torch.Tensor, indices: int | list[int] | None,
+                              norm: bool) -> tuple[StreamOutput, list[int], list[torch.Tensor]]:
+        """The stream's output and timm's feature points at ``indices`` (absolute, and the features), one pass."""
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        steps = list(self._walk(x, norm))
+        taps = [tap for tap, _ in steps if tap is not None]
+        features = [feature for _, feature in steps if feature is not None]
+        if norm and self._runs is not None:  # the authors' last tap is the last stage's output through its norm
+            features[-1] = taps[-1]
+        out = self._stream(taps[self.stream_start:], x.shape[0])
+        return out, take_indices, [features[index] for index in take_indices]
 
     def _query_classes(self, last_features: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         if targets is not None:
@@ -256,6 +312,48 @@ class CAStream(PooledBackbone):
         out = self.forward_stream(x)
         return out.query, out.features
 
+    def pool_intermediates(self, x: torch.Tensor, indices: int | list[int] | None,
+                           norm: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """``pool_features(x)`` and timm's feature points at ``indices``, from one pass."""
+        out, _, intermediates = self._stream_intermediates(x, indices, norm)
+        return out.query, out.features, intermediates
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_attentions: bool = False,
+    ) -> list | tuple[torch.Tensor, list]:
+        """timm's feature API, as ``PooledBackbone.forward_intermediates``: the backbone's features at its
+        ``feature_info`` points. With ``return_attentions`` each intermediate is a pair (features, the stream's
+        attention [B, h, w] at that stage, as in ``forward_stream(x).attentions``), as timm's ViTs pair theirs with
+        prefix tokens; the stream then runs over the whole backbone (``stop_early`` does not apply). The attention
+        is over the stream's tap of that stage, which the authors' taps place elsewhere than timm's feature point:
+        a ResNet's stem after its max-pool (half the resolution), a ConvNeXt's stem instead of stage 0's output and
+        the downsampling layers that open stages 1 and 2 instead of those stages' outputs (same shapes).
+        """
+        if not return_attentions:
+            return super().forward_intermediates(x, indices, norm, stop_early, output_fmt, intermediates_only)
+        self._check_intermediates_input(x, output_fmt)
+        out, take_indices, intermediates = self._stream_intermediates(x, indices, norm)
+        if min(take_indices) < self.stream_start:
+            raise ValueError(f"the stream starts at stage {self.stream_start}: no attention at stage "
+                             f"{min(take_indices)} (indices={indices!r})")
+        pairs = [(features, out.attentions[index - self.stream_start])
+                 for index, features in zip(take_indices, intermediates, strict=True)]
+        return pairs if intermediates_only else (self._tokens(out.query, out.features), pairs)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        take_indices = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        # a kept stream reads the pruned backbone (its pruning may replace tapped modules); none: no runs left
+        self._runs = _runs(self.backbone, self.taps) if hasattr(self, "stream") else []
+        return take_indices
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput | torch.Tensor:
         """Logits and the last attention map; ``targets`` only matter for a class-specific stream."""
         out = self.forward_stream(x, targets)
@@ -263,7 +361,10 @@ class CAStream(PooledBackbone):
         return ModelOutput(logits, out.attentions[-1]) if self.return_saliency else logits
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute backbone stages in the backward pass instead of storing their activations."""
+        """Recompute backbone stages in the backward pass instead of storing their activations (timm's own
+        checkpointing where the stream reads timm's feature points)."""
+        if self._runs is None:
+            self.backbone.set_grad_checkpointing(enable)
         self.grad_checkpointing = enable
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -304,7 +405,7 @@ class CAStream(PooledBackbone):
 
     def _head_norm_at(self, tokens: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         head = getattr(self.backbone, "head", None)
-        if head is None:  # ResNet: pooling and dropout, then the classifier
+        if not isinstance(head, NormMlpClassifierHead):  # ResNet, RegNet: pooling and dropout, then the classifier
             return tokens
         if not isinstance(head.pre_logits, nn.Identity):
             raise ValueError("contribution maps need the classifier right after the head norm; this head has an MLP")
@@ -334,6 +435,8 @@ default_cfgs = generate_default_cfgs({
     "convnext_tiny_castream.in1k": _cfg("convnext_tiny_castream.in1k", "convnext_tiny.fb_in1k"),
     "convnext_small_castream.in1k": _cfg("convnext_small_castream.in1k", "convnext_small.fb_in1k"),
     "convnext_base_castream.in1k": _cfg("convnext_base_castream.in1k", "convnext_base.fb_in1k"),
+    "regnety_016_castream.in1k": _cfg("regnety_016_castream.in1k", "regnety_016.tv2_in1k"),
+    "regnety_032_castream.in1k": _cfg("regnety_032_castream.in1k", "regnety_032.ra_in1k"),
 })
 
 
@@ -384,3 +487,17 @@ def convnext_base_castream(pretrained: bool = False, **kwargs) -> CAStream:
     """ConvNeXt-B with a CA-Stream tapped as the authors' code taps a ConvNeXt (thesis Table 3.3)."""
     model_args = dict(backbone="convnext_base")
     return _create_castream("convnext_base_castream", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def regnety_016_castream(pretrained: bool = False, **kwargs) -> CAStream:
+    """RegNetY-1.6GF with a CA-Stream over timm's feature points: the stem and four stages."""
+    model_args = dict(backbone="regnety_016")
+    return _create_castream("regnety_016_castream", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def regnety_032_castream(pretrained: bool = False, **kwargs) -> CAStream:
+    """RegNetY-3.2GF with a CA-Stream over timm's feature points: the stem and four stages."""
+    model_args = dict(backbone="regnety_032")
+    return _create_castream("regnety_032_castream", pretrained, **dict(model_args, **kwargs))

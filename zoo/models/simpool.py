@@ -1,4 +1,5 @@
-"""SimPool: timm's attention pooling in place of a frozen timm ResNet's or ConvNeXt's global average pooling.
+"""SimPool: timm's attention pooling in place of a frozen timm ResNet's, ConvNeXt's or RegNet's global average
+pooling.
 
 Psomas et al., "Keep It SimPool: Who Said Supervised Transformers Suffer from Attention Deficit?", ICCV 2023. The
 GAP of the last stage's features is the query; the LayerNorm'd patches are the values and, through a linear layer,
@@ -18,7 +19,7 @@ import torch
 from timm.layers import SimPool2d
 from timm.models import generate_default_cfgs, register_model
 
-from ..output import ModelOutput, check_image_batch, model_name
+from ..output import ModelOutput
 from ._pooled import PooledBackbone, backbone_cfg, create_backbone, create_pooled_model
 
 __all__ = ["PoolOutput", "SimPool", "simpool_attention"]
@@ -48,8 +49,8 @@ class PoolOutput(NamedTuple):
 
 
 class SimPool(PooledBackbone):
-    """A timm ResNet or ConvNeXt whose global average pooling is replaced by timm's ``SimPool2d`` (Psomas et al.
-    2023), in front of the backbone's own classifier.
+    """A timm ResNet, ConvNeXt or RegNet whose global average pooling is replaced by timm's ``SimPool2d`` (Psomas et
+    al. 2023), in front of the backbone's own classifier.
 
     ``forward(x)`` returns ``ModelOutput(logits, saliency)``, the saliency being SimPool's attention over the last
     stage's positions ``[B, h, w]`` (non-negative, sums to 1 per image); with several heads, the mean of the
@@ -58,7 +59,7 @@ class SimPool(PooledBackbone):
     map.
 
     Args:
-        backbone: timm architecture name of a ResNet or ConvNeXt (weights come through ``pretrained``).
+        backbone: timm architecture name of a ResNet, ConvNeXt or RegNet (weights come through ``pretrained``).
         num_classes: classifier outputs (the backbone's own classifier).
         in_chans: image channels.
         num_heads, qkv_bias, qk_norm, gamma: ``SimPool2d``'s options (timm's defaults: one head, no biases, no
@@ -89,11 +90,11 @@ class SimPool(PooledBackbone):
             raise ValueError(f"num_heads must divide the last stage's {net.num_features} channels, got {num_heads}")
         if gamma is not None and not gamma > 0:
             raise ValueError(f"gamma must be positive (or None: no power normalisation), got {gamma}")
-        super().__init__(net, in_chans, return_saliency)
+        super().__init__(net, in_chans, drop_rate, return_saliency)
         self.pool = SimPool2d(net.num_features, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, gamma=gamma)
 
     def _last_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, self.in_chans, model_name(self), self.min_input_size)
+        self._check_input(x)
         return self.backbone.forward_features(x)
 
     def forward_pool(self, x: torch.Tensor) -> PoolOutput:
@@ -106,6 +107,12 @@ class SimPool(PooledBackbone):
         """SimPool2d's output [B, C] (the class token of ``forward_features``) and the last features."""
         features = self._last_features(x)
         return self.pool(features), features
+
+    def pool_intermediates(self, x: torch.Tensor, indices: int | list[int] | None,
+                           norm: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """``pool_features(x)`` and the backbone's features at ``indices``, from one pass."""
+        features, intermediates = self.backbone.forward_intermediates(x, indices, norm)
+        return self.pool(features), features, intermediates
 
     def forward(self, x: torch.Tensor) -> ModelOutput | torch.Tensor:
         """Logits and SimPool's attention map (the heads' mean)."""
@@ -138,6 +145,8 @@ default_cfgs = generate_default_cfgs({
     "convnext_tiny_simpool.in1k": _cfg("convnext_tiny_simpool.in1k", "convnext_tiny.fb_in1k"),
     "convnext_small_simpool.in1k": _cfg("convnext_small_simpool.in1k", "convnext_small.fb_in1k"),
     "convnext_base_simpool.in1k": _cfg("convnext_base_simpool.in1k", "convnext_base.fb_in1k"),
+    "regnety_016_simpool.in1k": _cfg("regnety_016_simpool.in1k", "regnety_016.tv2_in1k"),
+    "regnety_032_simpool.in1k": _cfg("regnety_032_simpool.in1k", "regnety_032.ra_in1k"),
 })
 
 
@@ -188,3 +197,17 @@ def convnext_base_simpool(pretrained: bool = False, **kwargs) -> SimPool:
     """ConvNeXt-B with SimPool in place of global average pooling (before the head norm)."""
     model_args = dict(backbone="convnext_base")
     return _create_simpool("convnext_base_simpool", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def regnety_016_simpool(pretrained: bool = False, **kwargs) -> SimPool:
+    """RegNetY-1.6GF with SimPool in place of global average pooling."""
+    model_args = dict(backbone="regnety_016")
+    return _create_simpool("regnety_016_simpool", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def regnety_032_simpool(pretrained: bool = False, **kwargs) -> SimPool:
+    """RegNetY-3.2GF with SimPool in place of global average pooling."""
+    model_args = dict(backbone="regnety_032")
+    return _create_simpool("regnety_032_simpool", pretrained, **dict(model_args, **kwargs))

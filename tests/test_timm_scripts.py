@@ -1,6 +1,7 @@
-"""timm's train.py, validate.py and inference.py on zoo models (issue 24). The scripts are not installed with timm,
-so the library path they take runs here at toy sizes, on models created as their ``--model-kwargs
-return_saliency=False`` creates them; and a ``ModelOutput`` that reaches code expecting a tensor says what to do."""
+"""timm's train.py, validate.py, inference.py and benchmark.py on zoo models (issues 24, 23). The scripts are not
+installed with timm, so the library path they take runs here at toy sizes, on models created as their
+``--model-kwargs return_saliency=False`` creates them; and a ``ModelOutput`` that reaches code expecting a tensor
+says what to do."""
 
 import argparse
 import copy
@@ -174,3 +175,25 @@ def test_timm_scripts_run_on_zoo_models_at_toy_sizes(name, image_folder, tmp_pat
     assert top_classes.shape == (len(eval_set), 2) and ((0 <= top_classes) & (top_classes < CLASSES)).all()
     torch.testing.assert_close(probabilities.sum(-1), torch.ones(len(eval_set)))
     assert (top_probabilities[:, 0] >= top_probabilities[:, 1]).all()
+
+    # benchmark.py: created with its defaults (no --gp, --drop-path, --drop-block: None, which create_model drops) and
+    # no --model-kwargs (not every version has them), channels-last, the test input size, an inference step and a
+    # train step with create_optimizer_v2 on the first element of a tuple output, as the script does
+    benchmarked = timm.create_model(name, num_classes=None, in_chans=3, global_pool=None, scriptable=False,
+                                    drop_rate=0.0, drop_path_rate=None, drop_block_rate=None)
+    benchmarked.to(device="cpu", dtype=torch.float32, memory_format=torch.channels_last)
+    bench_config = resolve_data_config({"input_size": (3, size, size)}, model=benchmarked, use_test_size=True)
+    inputs = torch.randn(BATCH, *bench_config["input_size"]).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert isinstance(benchmarked.eval()(inputs), zoo.ModelOutput)
+    benchmarked.train()
+    bench_optimizer = timm.optim.create_optimizer_v2(benchmarked, opt="sgd", lr=1e-4)
+    bench_optimizer.zero_grad()
+    output = benchmarked(inputs)
+    if isinstance(output, tuple):
+        output = output[0]
+    targets = torch.empty(BATCH, dtype=torch.long).random_(benchmarked.num_classes)
+    loss = nn.CrossEntropyLoss()(output, targets)
+    loss.backward()
+    bench_optimizer.step()
+    assert loss.isfinite() and benchmarked.num_classes == benchmarked.pretrained_cfg["num_classes"]  # None: default

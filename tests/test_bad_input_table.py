@@ -388,22 +388,21 @@ def damaged_image(folder: Path, damage: Callable[[Path], object]) -> Path:
     return path
 
 
-@case("cub-jpeg-cut-short")
-def _(tmp_path, request):
-    bad = damaged_image(make_cub(tmp_path), lambda p: p.write_bytes(p.read_bytes()[:400]))
+def damaged_cub_image_is_named(tmp_path, damage, reason: str) -> None:
+    bad = damaged_image(make_cub(tmp_path), damage)
     dataset = CUB200(tmp_path, "train")
     position = next(i for i, image in enumerate(dataset.images) if image.path == bad)
-    refused(OSError, rf"^could not decode the image {re.escape(str(bad))}: Truncated File Read",
-            dataset.__getitem__, position)
+    refused(OSError, rf"^could not decode the image {re.escape(str(bad))}: {reason}", dataset.__getitem__, position)
+
+
+@case("cub-jpeg-cut-short")
+def _(tmp_path, request):
+    damaged_cub_image_is_named(tmp_path, lambda p: p.write_bytes(p.read_bytes()[:400]), "Truncated File Read")
 
 
 @case("cub-empty-jpeg")
 def _(tmp_path, request):
-    bad = damaged_image(make_cub(tmp_path), lambda p: p.write_bytes(b""))
-    dataset = CUB200(tmp_path, "train")
-    position = next(i for i, image in enumerate(dataset.images) if image.path == bad)
-    refused(OSError, rf"^could not decode the image {re.escape(str(bad))}: cannot identify image file",
-            dataset.__getitem__, position)
+    damaged_cub_image_is_named(tmp_path, lambda p: p.write_bytes(b""), "cannot identify image file")
 
 
 @case("cub-class-id-not-a-number")

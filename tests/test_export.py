@@ -2,14 +2,13 @@
 saliency of eager mode at batch sizes other than the one exported with. ``test_castream_compile.py`` covers
 CA-Stream's compiled training, inductor and benchmark; here compilation is checked for the other families."""
 
+import onnxruntime as ort
 import pytest
 import timm
 import torch
 
 import zoo
 from zoo.export import exported_program, to_onnx
-
-ort = pytest.importorskip("onnxruntime")
 
 SIZE = 32
 CASES = {  # one per family, the smallest backbones, and the option that changes the graph
